@@ -1,0 +1,248 @@
+"""Shared building blocks: the static layer spec, the PrunedNet and the PruningNet built from it.
+
+An architecture family (``resnet.py``, ``mobilenetv2.py``) only describes its stage table as a list
+of ``BlockSpec``; everything here walks that list, so the PrunedNet, the PruningNet and the cost
+model can never disagree about the structure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gene import FULL_ID, NUM_SCALES, SCALES, Gene, GeneLayout, channels
+
+IMAGE_SLOT = -1  # pseudo gene slot of the input image (3 channels, never pruned)
+IMAGE_CHANNELS = 3
+
+_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+_FUNCTIONAL = {"relu": F.relu, "relu6": F.relu6}
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One conv → BN (→ activation). Channels come from gene slots; ``depthwise`` keeps in == out."""
+
+    name: str
+    in_slot: int
+    out_slot: int
+    kernel: int
+    stride: int
+    act: str | None
+    gen_slots: tuple[int, ...]  # gene slots whose ratios feed this conv's weight generator
+    gen_hidden: int
+    depthwise: bool = False
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A main path of convs, an optional residual (projection conv or identity), then ``act``."""
+
+    name: str
+    convs: tuple[ConvSpec, ...]
+    shortcut: ConvSpec | None = None
+    identity: bool = False
+    act: str | None = None
+    maxpool: bool = False  # 3x3/2 max-pool after the block (ResNet's ImageNet stem)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A whole network: its gene layout, base width per gene slot, blocks and classifier."""
+
+    layout: GeneLayout
+    bases: tuple[int, ...]
+    blocks: tuple[BlockSpec, ...]
+    classifier_slot: int
+    dropout: float = 0.0
+
+    def channels(self, gene: Gene) -> list[int]:
+        """Channels of every gene slot for a (validated) gene."""
+        return [channels(b, g) for b, g in zip(self.bases, gene)]
+
+    def convs(self) -> list[ConvSpec]:
+        return [c for b in self.blocks for c in (*b.convs, *([b.shortcut] if b.shortcut else []))]
+
+
+def conv_out_size(size: int, kernel: int, stride: int) -> int:
+    """Spatial size after a conv with 'same' padding (kernel // 2)."""
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def _in_channels(conv: ConvSpec, ch: list[int]) -> int:
+    return IMAGE_CHANNELS if conv.in_slot == IMAGE_SLOT else ch[conv.in_slot]
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, conv: ConvSpec, ch: list[int]) -> None:
+        super().__init__()
+        cin, cout = _in_channels(conv, ch), ch[conv.out_slot]
+        self.conv = nn.Conv2d(cin, cout, conv.kernel, conv.stride, conv.kernel // 2,
+                              groups=cout if conv.depthwise else 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = _ACTIVATIONS[conv.act](inplace=True) if conv.act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class _PrunedBlock(nn.Module):
+    def __init__(self, block: BlockSpec, ch: list[int]) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[_ConvBN(c, ch) for c in block.convs])
+        self.shortcut = _ConvBN(block.shortcut, ch) if block.shortcut else None
+        self.identity = block.identity
+        self.act = _ACTIVATIONS[block.act](inplace=True) if block.act else nn.Identity()
+        self.pool = nn.MaxPool2d(3, 2, 1) if block.maxpool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.shortcut is not None:
+            y = y + self.shortcut(x)
+        elif self.identity:
+            y = y + x
+        return self.pool(self.act(y))
+
+
+class PrunedNet(nn.Module):
+    """A plain network for one gene: ``nn.Conv2d`` + affine BN, trainable from scratch."""
+
+    def __init__(self, spec: ArchSpec, gene: Gene, num_classes: int) -> None:
+        super().__init__()
+        self.spec, self.gene, self.num_classes = spec, tuple(gene), num_classes
+        ch = spec.channels(self.gene)
+        self.blocks = nn.Sequential(*[_PrunedBlock(b, ch) for b in spec.blocks])
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
+        self.classifier = nn.Linear(ch[spec.classifier_slot], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def conv_bns(self) -> list[_ConvBN]:
+        """Every conv+BN in spec order (``ArchSpec.convs``)."""
+        out = []
+        for blk in self.blocks:
+            out += list(blk.body) + ([blk.shortcut] if blk.shortcut is not None else [])
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.classifier(self.dropout(x))
+
+
+class GeneratedConv(nn.Module):
+    """A conv whose weight is generated from layer ratios, with one BatchNorm per scale id.
+
+    Generator: ``Linear(k → h) → ReLU → Linear(h → numel(W_max))``. The second linear is stored
+    as ``(out, in, kh*kw, h)`` so that cropping to the active channels is a slice, not a gather.
+    """
+
+    def __init__(self, conv: ConvSpec, bases: tuple[int, ...], scale_ids: dict[int, tuple[int, ...]]) -> None:
+        super().__init__()
+        self.spec = conv
+        cout = bases[conv.out_slot]
+        cin = 1 if conv.depthwise else (IMAGE_CHANNELS if conv.in_slot == IMAGE_SLOT else bases[conv.in_slot])
+        k2, h = conv.kernel * conv.kernel, conv.gen_hidden
+        self.fc1 = nn.Linear(len(conv.gen_slots), h)
+        bound = h ** -0.5  # nn.Linear's default init for the h → numel layer
+        self.weight2 = nn.Parameter(torch.empty(cout, cin, k2, h).uniform_(-bound, bound))
+        self.bias2 = nn.Parameter(torch.empty(cout, cin, k2).uniform_(-bound, bound))
+        self.register_buffer("gen_index", torch.tensor(conv.gen_slots), persistent=False)
+        self.bns = nn.ModuleDict({str(i): nn.BatchNorm2d(channels(cout, i), affine=False)
+                                  for i in scale_ids[conv.out_slot]})
+
+    def generate(self, ratios: torch.Tensor, cin: int, cout: int) -> torch.Tensor:
+        """The cropped conv weight ``(cout, cin, k, k)`` for the gene's ratio vector."""
+        hidden = F.relu(self.fc1(ratios.index_select(0, self.gen_index)))
+        cin = 1 if self.spec.depthwise else cin
+        w = torch.matmul(self.weight2[:cout, :cin], hidden) + self.bias2[:cout, :cin]
+        return w.view(cout, cin, self.spec.kernel, self.spec.kernel)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, scale_id: int) -> torch.Tensor:
+        c = self.spec
+        x = F.conv2d(x, weight, None, c.stride, c.kernel // 2, 1, weight.shape[0] if c.depthwise else 1)
+        x = self.bns[str(scale_id)](x)
+        return _FUNCTIONAL[c.act](x) if c.act else x
+
+
+class PruningNet(nn.Module):
+    """The meta-network: generates the weights of any PrunedNet of its spec from the gene."""
+
+    def __init__(self, spec: ArchSpec, num_classes: int) -> None:
+        super().__init__()
+        self.spec, self.num_classes = spec, num_classes
+        all_ids = tuple(range(NUM_SCALES))
+        scale_ids = {s: (FULL_ID,) if s in spec.layout.fixed else all_ids for s in range(len(spec.bases))}
+        self.convs = nn.ModuleList(GeneratedConv(c, spec.bases, scale_ids) for c in spec.convs())
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
+        self.classifier = nn.Linear(spec.bases[spec.classifier_slot], num_classes)
+        self.register_buffer("scales", torch.tensor(SCALES), persistent=False)
+
+    def generate(self, gene: Gene) -> list[torch.Tensor]:
+        """All conv weights of ``gene``, in spec order. Called once per gene, never per sample."""
+        ids = torch.tensor(gene).to(self.scales.device, non_blocking=True)
+        ratios = self.scales[ids]
+        ch = self.spec.channels(gene)
+        return [m.generate(ratios, _in_channels(m.spec, ch), ch[m.spec.out_slot]) for m in self.convs]
+
+    def forward(self, x: torch.Tensor, gene: Gene) -> torch.Tensor:
+        weights = iter(zip(self.convs, self.generate(gene)))
+        for block in self.spec.blocks:
+            inp = x
+            for _ in block.convs:
+                m, w = next(weights)
+                x = m(x, w, gene[m.spec.out_slot])
+            if block.shortcut is not None:
+                m, w = next(weights)
+                x = x + m(inp, w, gene[m.spec.out_slot])
+            elif block.identity:
+                x = x + inp
+            if block.act:
+                x = _FUNCTIONAL[block.act](x)
+            if block.maxpool:
+                x = F.max_pool2d(x, 3, 2, 1)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.classifier(self.dropout(x))
+
+    @torch.no_grad()
+    def materialize(self, gene: Gene) -> PrunedNet:
+        """A PrunedNet for ``gene`` with the generated weights and that gene's per-scale BN statistics.
+
+        In eval mode its output equals ``self(x, gene)``; it needs nothing of the PruningNet to run.
+        """
+        net = PrunedNet(self.spec, gene, self.num_classes).to(self.scales.device)
+        for gconv, target, w in zip(self.convs, net.conv_bns(), self.generate(gene)):
+            target.conv.weight.copy_(w)
+            src = gconv.bns[str(gene[gconv.spec.out_slot])]
+            target.bn.running_mean.copy_(src.running_mean)
+            target.bn.running_var.copy_(src.running_var)
+            target.bn.num_batches_tracked.copy_(src.num_batches_tracked)
+            target.bn.eps = src.eps
+            nn.init.ones_(target.bn.weight)
+            nn.init.zeros_(target.bn.bias)
+        net.classifier.load_state_dict(self.classifier.state_dict())
+        return net
+
+
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, batches: Iterable[torch.Tensor], *args: object) -> nn.Module:
+    """Replace every BN's running statistics by exact averages over ``batches``, then set eval mode.
+
+    Momentum ``None`` makes PyTorch keep a cumulative average, so the result does not depend on
+    batch order. Extra ``args`` are passed to the forward (the gene, for a PruningNet).
+    """
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    for x in batches:
+        net(x, *args)
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    return net.eval()
