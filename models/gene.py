@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import math
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -94,6 +95,14 @@ class GeneLayout:
     def full(self) -> Gene:
         """The unpruned gene (every position full width)."""
         return (FULL_ID,) * len(self.names)
+
+    def sample(self, rng: random.Random) -> Gene:
+        """A uniform random gene: every free position any id in 0..30, fixed positions full width."""
+        return tuple(FULL_ID if i in self.fixed else rng.randrange(NUM_SCALES) for i in range(len(self.names)))
+
+    def narrowest(self) -> Gene:
+        """The cheapest gene: every free position at id 0, fixed positions full width."""
+        return tuple(FULL_ID if i in self.fixed else 0 for i in range(len(self.names)))
 
     def free_positions(self) -> tuple[int, ...]:
         """Positions a search or sampler may change."""

@@ -1,0 +1,54 @@
+"""ImageNet-style data: ``ImageFolder`` trees ``train/<class>/*`` and ``val/<class>/*`` under a root."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils.config import UserError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Images(Dataset):
+    """A list of ``(path, class)`` samples read with PIL and passed through ``transform``."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), target
+
+
+def transforms(input_size: int) -> tuple[Callable, Callable]:
+    """Standard ImageNet train (random-resized crop, flip) and eval (resize, center crop) transforms."""
+    from torchvision import transforms as T  # imported late: it costs seconds that --dry-run should not pay
+
+    norm = [T.ToTensor(), T.Normalize(MEAN, STD)]
+    train = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), *norm])
+    evaluate = T.Compose([T.Resize(int(round(input_size / 0.875))), T.CenterCrop(input_size), *norm])
+    return train, evaluate
+
+
+def scan(root: Path, part: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes and samples of ``root/part`` with clear errors for a missing or empty tree."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    folder = root / part
+    if not folder.is_dir():
+        raise UserError(f"--data-root {root}: no {part}/ folder (an ImageNet-style root holds "
+                        f"train/<class>/<image> and val/<class>/<image>)")
+    try:
+        classes, index = find_classes(str(folder))
+        samples = make_dataset(str(folder), index, IMG_EXTENSIONS)
+    except FileNotFoundError as e:
+        raise UserError(f"--data-root {root}: {part}/ holds no images ({e})") from None
+    return classes, samples

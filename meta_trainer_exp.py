@@ -1,0 +1,161 @@
+"""Train a PruningNet (``--arch *_pruningnet``) or retrain a PrunedNet (``--arch *_prunednet``).
+
+PruningNet: every step draws a fresh random gene; ``--valuate`` scores fixed probe genes (widest,
+middle, narrowest) with recalibrated BN on the sub-validation split, which training never sees.
+PrunedNet: the gene comes from ``--gene``, from ``--search-resume FILE --candidate N`` or from the
+``--json`` file (default: full width); ``--inherit`` starts from the PruningNet's weights.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from data import fixed_batches, get_data, make_loader
+from models import Gene, GeneLayout, create_model, get_family, is_pruningnet, small_input_for
+from models.cost import cost_model
+from search.evaluator import CandidateEvaluator
+from utils import checkpoint
+from utils.config import (Parser, UserError, add_common_args, add_training_args, dump, gene_literal, log_path,
+                          parse_args, run_script)
+from utils.distributed import select_device
+from utils.engine import evaluate, fit
+from utils.logger import RunLogger
+
+MIDDLE_ID = 15
+
+
+def probe_genes(layout: GeneLayout) -> dict[str, Gene]:
+    """The fixed genes ``--valuate`` scores a PruningNet on: widest, middle and narrowest."""
+    middle = layout.validate([30 if i in layout.fixed else MIDDLE_ID for i in range(len(layout))])
+    return {"widest": layout.full(), "middle": middle, "narrowest": layout.narrowest()}
+
+
+def get_args_parser() -> Parser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    add_training_args(p)
+    p.flag("--gene", type=gene_literal, default=None, help='PrunedNet gene, e.g. "[20, 10, ..., 24]"')
+    p.flag("--search-resume", default=None, help="search checkpoint whose candidate to retrain")
+    p.flag("--candidate", type=int, default=None, help="rank of the candidate in --search-resume (0 = best)")
+    p.flag("--inherit", nargs="?", const="auto", default=None,
+           help="start from the PruningNet's generated weights (fine-tuning); optional PruningNet checkpoint path, "
+                "by default the one the search used")
+    p.flag("--recal-batches", type=int, default=20, help="training batches for BN recalibration of --valuate probes")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    pruning = is_pruningnet(args.arch)
+    if pruning and (args.gene is not None or args.search_resume or args.inherit):
+        raise UserError(f"--gene, --search-resume and --inherit are for *_prunednet archs, not {args.arch}")
+    if args.candidate is not None and not args.search_resume:
+        raise UserError("--candidate N needs --search-resume FILE (the search checkpoint holding the candidates)")
+    if args.gene is not None and args.search_resume:
+        raise UserError("give the gene either with --gene or with --search-resume/--candidate, not both")
+    if args.candidate is not None and args.candidate < 0:
+        raise UserError(f"--candidate must be 0 or more, got {args.candidate}")
+    if args.recal_batches < 1:
+        raise UserError(f"--recal-batches must be a positive integer, got {args.recal_batches}")
+    if not pruning and args.gene is not None:
+        _parse_gene(args.arch, args.gene)
+    if args.search_resume and not args.suffix:
+        # name the retrained run after the search's budget, as the README's checkpoint names do
+        match = re.search(r"_flops([^_/]+)_checkpoint", Path(args.search_resume).name)
+        args.suffix = f"_flops{match.group(1)}" if match else ""
+
+
+def _parse_gene(arch: str, value: object) -> Gene:
+    try:
+        return get_family(arch).layout.parse(value)
+    except ValueError as e:
+        raise UserError(f"--gene: {e}") from None
+
+
+def _search_state(args: argparse.Namespace) -> dict:
+    state = checkpoint.load(args.search_resume, checkpoint.SEARCH, "--search-resume")
+    if get_family(state["arch"]) is not get_family(args.arch):
+        raise UserError(f"--search-resume {args.search_resume}: the search was over {state['arch']}, "
+                        f"not the {args.arch} family")
+    return state
+
+
+def resolve_gene(args: argparse.Namespace) -> tuple[Gene, str | None]:
+    """The PrunedNet's gene and, with ``--search-resume``, the PruningNet checkpoint that search used."""
+    if not args.search_resume:
+        return (_parse_gene(args.arch, args.gene) if args.gene is not None else get_family(args.arch).layout.full()), None
+    state = _search_state(args)
+    n, candidates = args.candidate or 0, state["candidates"]
+    if n >= len(candidates):
+        raise UserError(f"--candidate {n}: the search checkpoint holds {len(candidates)} candidates (0..{len(candidates) - 1})")
+    return _parse_gene(args.arch, candidates[n]), state.get("pruningnet")
+
+
+def inherit_weights(model: torch.nn.Module, gene: Gene, path: str) -> None:
+    """Load the PruningNet checkpoint ``path`` and copy its materialized PrunedNet into ``model``."""
+    state = checkpoint.load(path, checkpoint.MODEL, "--inherit")
+    if not is_pruningnet(state["arch"]) or get_family(state["arch"]).layout != model.spec.layout:
+        raise UserError(f"--inherit {path}: holds {state['arch']}, not a PruningNet of the {model.spec.layout.family} family")
+    net = checkpoint.build_model(state)
+    if net.spec != model.spec or net.num_classes != model.num_classes:
+        raise UserError(f"--inherit {path}: the PruningNet was built with {state['model_args']}; "
+                        f"pass the same --width-mult/--input-size and dataset")
+    model.load_state_dict(net.materialize(gene).state_dict())
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(get_args_parser(), argv, _validate)
+    if args.dry_run:
+        print(dump(args))
+        return {}
+    device = select_device(args)
+    torch.manual_seed(args.seed)
+    pruning = is_pruningnet(args.arch)
+    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning)
+    small = small_input_for(args.input_size)
+    model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": small}
+    layout = get_family(args.arch).layout
+    logger = RunLogger(log_path(args))
+    logger.info(f"config {dump(args)}")
+    pin = device.type == "cuda"
+    eval_loader = lambda ds: make_loader(ds, args.batch_size, False, args.workers, pin_memory=pin)
+
+    if pruning:
+        model = create_model(args.arch, **model_args).to(device)
+        record = checkpoint.model_record(args.arch, None, **model_args)
+        recal = fixed_batches(data.train_eval, args.recal_batches, args.batch_size, args.seed)
+        evaluator = CandidateEvaluator(model, recal, eval_loader(data.subval), device)
+        probes = probe_genes(layout)
+
+        def validate(_model: torch.nn.Module) -> dict[str, float]:
+            scores = {f"top1_{k}": evaluator.top1(g) for k, g in probes.items()}
+            return {"top1": sum(scores.values()) / len(scores), **scores}
+    else:
+        gene, search_pruningnet = resolve_gene(args)
+        model = create_model(args.arch, gene=gene, **model_args)
+        if args.inherit:
+            source = search_pruningnet if args.inherit == "auto" else args.inherit
+            if source is None:
+                raise UserError("--inherit without a path needs --search-resume (whose search names its PruningNet)")
+            inherit_weights(model, gene, source)
+        model.to(device)
+        record = checkpoint.model_record(args.arch, gene, **model_args)
+        cost = cost_model(args.arch, args.input_size, data.num_classes, args.width_mult, small)(gene)
+        logger.info(f"gene {layout.format(gene)}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params")
+        val_loader = eval_loader(data.val)
+        validate = lambda m: evaluate(m, val_loader, device)
+
+    loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, pin_memory=pin)
+    if len(loader) == 0:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
+    metrics = fit(args, model, record, loader, device, logger, validate, layout if pruning else None)
+    logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    logger.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    run_script(main, sys.argv[1:])

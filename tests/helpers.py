@@ -1,0 +1,65 @@
+"""Shared test helpers: run the entry scripts as a user would, from a scratch working directory."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+from utils import config
+
+TINY_DATA = ["--dataset", "imagenet", "--data-root", "img", "--width-mult", "0.125", "--input-size", "24",
+             "--batch-size", "8", "--workers", "0", "--val-per-class", "4"]
+TINY_TRAIN = TINY_DATA + ["--recal-batches", "2"]
+
+
+def run_script(script: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python ROOT/script args`` in ``cwd`` (outside the checkout, as a user may)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                       env=full_env, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def invoke(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run an entry script's ``main`` in this process (fast), as ``python script args`` would from ``cwd``."""
+    module = importlib.import_module(Path(script).stem)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            config.run_script(module.main, list(args))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def dry_run(script: str, *args: str, cwd: Path) -> dict:
+    r = invoke(script, *args, "--dry-run", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, r.stdout
+    return json.loads(lines[0])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err

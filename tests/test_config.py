@@ -1,0 +1,121 @@
+"""Config resolution: README commands under --dry-run, JSON precedence, bad input."""
+import json
+import shlex
+
+import pytest
+
+from conftest import ROOT
+from helpers import assert_one_line_error, dry_run, invoke, run_script
+
+README_TRAINING = [
+    ("meta_trainer_exp.py", "--arch resnet50_pruningnet --dataset imagenet --batch-size 100 --epochs 32 --gpu 3 --valuate --visdom",
+     {"arch": "resnet50_pruningnet", "batch_size": 100, "epochs": 32, "gpu": [3], "valuate": True, "visdom": True}),
+    ("meta_trainer_exp.py", "--arch resnet50_prunednet --dataset imagenet --search-resume checkpoints/meta_prune/MetaPruneSearch_resnet50_pruningnet_flops0_checkpoint.pth.tar --epochs 60 --gpu 0 --valuate --visdom --log-path logs/resnet50_prunednet_candidate0_flops0.txt --candidate 0",
+     {"arch": "resnet50_prunednet", "epochs": 60, "candidate": 0, "suffix": "_flops0",
+      "log_path": "logs/resnet50_prunednet_candidate0_flops0.txt"}),
+    ("meta_trainer_exp.py", "--json experiments/baseline/imagenet_resnet50_prunednet.json --gpu 2",
+     {"arch": "resnet50_prunednet", "gpu": [2], "dataset": "imagenet", "input_size": 224}),
+    ("trainer_exp.py", "--json experiments/baseline/imagenet_resnet50_prunednet.json --gpu 2",
+     {"arch": "resnet50_prunednet", "gpu": [2]}),
+    ("meta_trainer_exp.py", "--arch mobilenetv2_pruningnet --dataset imagenet --batch-size 200 --epochs 64 --gpu 0 --lr 0.25 --weight-decay 0 --valuate --visdom",
+     {"arch": "mobilenetv2_pruningnet", "batch_size": 200, "lr": 0.25, "weight_decay": 0.0}),
+    ("meta_trainer_exp.py", "--arch mobilenetv2_prunednet --dataset imagenet --epochs 80 --lr 0.5 --batch_size 200 --valuate --gpu 2 --candidate 0 --search-resume checkpoints/meta_prune/MetaPruneSearch_mobilenetv2_pruningnet_flops300.0_checkpoint.pth.tar --suffix _flops300 --visdom",
+     {"arch": "mobilenetv2_prunednet", "batch_size": 200, "epochs": 80, "lr": 0.5, "suffix": "_flops300"}),
+    ("meta_trainer_exp.py", "--json experiments/baseline/imagenet_mobilenetv2_prunednet.json --gpu 5 --visdom",
+     {"arch": "mobilenetv2_prunednet", "gpu": [5], "visdom": True, "lr": 0.5}),
+    ("trainer_exp.py", "--json experiments/baseline/imagenet_mobilenetv2_prunednet.json --gpu 5 --visdom",
+     {"arch": "mobilenetv2_prunednet", "gpu": [5], "visdom": True}),
+]
+REQUIRED_KEYS = {"arch", "dataset", "data_root", "batch_size", "epochs", "lr", "weight_decay", "momentum", "gpu",
+                 "workers", "valuate", "visdom", "json", "resume", "log_path", "suffix", "seed", "width_mult",
+                 "input_size"}
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    return tmp_path
+
+
+@pytest.mark.parametrize("script, command, expected", README_TRAINING)
+def test_readme_training_commands_dry_run(script, command, expected, workdir):
+    cfg = dry_run(script, *shlex.split(command), cwd=workdir)
+    assert REQUIRED_KEYS <= set(cfg)
+    if script == "meta_trainer_exp.py":
+        assert {"search_resume", "candidate", "gene"} <= set(cfg)
+    for k, v in expected.items():
+        assert cfg[k] == v, k
+    assert sorted(p.name for p in workdir.iterdir()) == ["experiments"]  # nothing written
+
+
+def test_precedence_defaults_json_cli(workdir):
+    exp = workdir / "exp.json"
+    exp.write_text(json.dumps({"arch": "resnet50_pruningnet", "lr": 0.3, "epochs": 7, "batch-size": 32}))
+    cfg = dry_run("meta_trainer_exp.py", "--json", str(exp), "--lr", "0.01", cwd=workdir)
+    assert cfg["lr"] == 0.01             # CLI beats JSON
+    assert cfg["epochs"] == 7 and cfg["batch_size"] == 32  # JSON beats default, hyphenated key accepted
+    assert cfg["momentum"] == 0.9        # default
+    cfg = dry_run("meta_trainer_exp.py", "--json", str(exp), "--epochs", "90", cwd=workdir)
+    assert cfg["epochs"] == 90  # an explicit flag equal to the default still wins
+
+
+@pytest.mark.parametrize("content, words", [
+    ({"arch": "resnet50_pruningnet", "learning_rate": 0.1}, ["unknown key 'learning_rate'"]),
+    ({"arch": "resnet50_pruningnet", "epochs": "10"}, ["key 'epochs'", "int", "'10'"]),
+    ({"arch": "resnet50_pruningnet", "lr": True}, ["key 'lr'", "number"]),
+    ({"arch": "resnet50_pruningnet", "valuate": "yes"}, ["key 'valuate'", "true or false"]),
+    ({"arch": "vgg16_pruningnet"}, ["key 'arch'", "one of"]),
+    ({"arch": "resnet50_prunednet", "gene": 12}, ["key 'gene'", "list of ids"]),
+    ([1, 2], ["one JSON object"]),
+])
+def test_bad_json_is_one_line_error(content, words, workdir):
+    exp = workdir / "bad.json"
+    exp.write_text(json.dumps(content))
+    r = invoke("meta_trainer_exp.py", "--json", str(exp), "--dry-run", cwd=workdir)
+    assert_one_line_error(r, *words)
+
+
+def test_cli_json_syntax_error_from_a_real_process(workdir):
+    (workdir / "bad.json").write_text('{"arch": "resnet50_pruningnet",')
+    r = run_script("meta_trainer_exp.py", "--json", "bad.json", cwd=workdir, check=False)
+    assert_one_line_error(r, "meta_trainer_exp.py: error:", "not valid JSON")
+    assert r.stdout == ""
+
+
+def test_cli_dry_run_from_a_real_process(workdir):
+    r = run_script("trainer_exp.py", "--json", "experiments/baseline/imagenet_resnet50_prunednet.json", "--gpu", "2",
+                   "--dry-run", cwd=workdir)
+    assert json.loads(r.stdout)["gpu"] == [2]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--arch", "resnet50_pruningnet", "--batch-size", "0"], ["--batch-size must be a positive integer"]),
+    (["--arch", "resnet50_pruningnet", "--epochs", "-1"], ["--epochs"]),
+    (["--arch", "resnet50_prunednet", "--gene", "[1, 2]"], ["--gene", "2 elements"]),
+    (["--arch", "resnet50_prunednet", "--gene", "[1, 2"], ["cannot read a gene"]),
+    (["--arch", "resnet50_pruningnet", "--gene", "[1]"], ["for *_prunednet archs"]),
+    (["--arch", "resnet50_prunednet", "--candidate", "0"], ["needs --search-resume"]),
+    (["--arch", "resnet99"], ["invalid choice"]),
+    (["--arch", "resnet50_pruningnet", "--gpu", "x"], ["--gpu takes CUDA indices"]),
+    ([], ["--arch is required"]),
+])
+def test_bad_flags_are_one_line_errors(args, words, workdir):
+    r = invoke("meta_trainer_exp.py", *args, "--dry-run", cwd=workdir)
+    assert_one_line_error(r, *words)
+    assert sorted(p.name for p in workdir.iterdir()) == ["experiments"]
+
+
+def test_absent_gpu_is_a_clear_runtime_error(workdir):
+    r = invoke("meta_trainer_exp.py", "--arch", "resnet50_pruningnet", "--gpu", "3", cwd=workdir)
+    assert_one_line_error(r, "--gpu 3", "drop --gpu")
+    assert sorted(p.name for p in workdir.iterdir()) == ["experiments"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("*.json")), ids=lambda p: p.name)
+def test_every_experiment_file_resolves(path, workdir):
+    script = "meta_search_exp.py" if "search" in path.name else (
+        "trainer_exp.py" if path.parent.name == "baseline" else "meta_trainer_exp.py")
+    cfg = dry_run(script, "--json", str(path), cwd=workdir)
+    assert cfg["json"] == str(path)
+    for k, v in json.loads(path.read_text()).items():
+        assert cfg[k.replace("-", "_")] == v, k

@@ -1,0 +1,135 @@
+"""Data layer on real files: generated JPEG ImageFolders and IDX files written by the test."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from data import fashion_mnist, fixed_batches, get_data, make_loader
+from data.split import SPLIT_DIR
+from data.synthetic import make_image_folder
+from utils.config import UserError
+
+
+@pytest.fixture
+def image_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return make_image_folder(tmp_path / "img", num_classes=3, train_per_class=10, val_per_class=3, size=20)
+
+
+def test_subval_split_is_disjoint_stable_and_saved(image_root, tmp_path):
+    a = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    train_paths = {p for p, _ in a.train.samples}
+    sub_paths = {p for p, _ in a.subval.samples}
+    assert len(sub_paths) == 12 and len(train_paths) == 18 and not train_paths & sub_paths
+    assert [t for _, t in a.subval.samples].count(0) == 4  # per class
+    assert (tmp_path / a.split_file).is_file() and a.split_file.parent == SPLIT_DIR
+    saved = a.split_file.read_text()
+    b = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    assert {p for p, _ in b.subval.samples} == sub_paths and a.split_file.read_text() == saved
+    full = get_data("imagenet", str(image_root), 16, val_per_class=4, hold_out=False)
+    assert len(full.train) == 30 and {p for p, _ in full.subval.samples} == sub_paths
+    assert len(a.val) == 9 and a.num_classes == 3
+
+
+def test_split_is_redrawn_identically_without_its_file(image_root):
+    a = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    a.split_file.unlink()
+    b = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    assert [p for p, _ in a.subval.samples] == [p for p, _ in b.subval.samples]
+
+
+def test_split_file_that_no_longer_matches_is_an_error(image_root):
+    a = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    victim = a.subval.samples[0][0]
+    import os
+    os.unlink(victim)
+    with pytest.raises(UserError, match="does not match the data"):
+        get_data("imagenet", str(image_root), 16, val_per_class=4)
+
+
+def test_too_few_images_per_class(image_root):
+    with pytest.raises(UserError, match="class 'class_000' has 10 training images.*--val-per-class 10"):
+        get_data("imagenet", str(image_root), 16, val_per_class=10)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no_val"])
+def test_bad_data_root(tmp_path, monkeypatch, layout):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    if layout != "missing":
+        (root / "train" / "a").mkdir(parents=True)
+    if layout == "no_val":
+        make_image_folder(root, 2, 3, 1, 8)
+        import shutil
+        shutil.rmtree(root / "val")
+    with pytest.raises(UserError, match=r"--data-root .*(no train/|holds no images|no val/)"):
+        get_data("imagenet", str(root), 16)
+
+
+def test_imagefolder_tensors_and_loader(image_root):
+    data = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    x, y = data.train[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 3
+    loader = make_loader(data.train, 4, True, 0, seed=1)
+    loader.sampler.set_epoch(0)
+    first = [yb.tolist() for _, yb in loader]
+    loader.sampler.set_epoch(0)
+    assert [yb.tolist() for _, yb in loader] == first  # order is a function of (seed, epoch)
+    loader.sampler.set_epoch(1)
+    assert [yb.tolist() for _, yb in loader] != first
+    recal = fixed_batches(data.train_eval, 2, 5, seed=0)
+    assert len(recal) == 2 and recal[0].shape == (5, 3, 16, 16)
+    torch.testing.assert_close(recal[0], fixed_batches(data.train_eval, 2, 5, seed=0)[0])
+
+
+def write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fmnist_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fm"
+    root.mkdir()
+    for part, n in (("train", 120), ("t10k", 30)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 255, (n, 28, 28))
+        write_idx(root / f"{part}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{part}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def test_fashion_mnist_from_data_root(fmnist_root):
+    data = get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2)
+    assert len(data.train) == 100 and len(data.subval) == 20 and len(data.val) == 30 and data.num_classes == 10
+    x, y = data.train[3]
+    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1])  # grayscale repeated to 3 channels
+    ev, _ = data.val[0]
+    raw = fashion_mnist.read_idx(fmnist_root / "t10k-images-idx3-ubyte.gz")[0]
+    expected = (torch.from_numpy(raw.astype(np.float32)) / 255 - fashion_mnist.MEAN) / fashion_mnist.STD
+    torch.testing.assert_close(ev[0, 2:30, 2:30], expected)  # eval: padded, not cropped
+
+
+def test_fashion_mnist_truncated_file(fmnist_root):
+    path = fmnist_root / "train-labels-idx1-ubyte.gz"
+    data = gzip.decompress(path.read_bytes())
+    with gzip.open(path, "wb") as f:
+        f.write(data[:-5])
+    with pytest.raises(UserError, match="truncated IDX file"):
+        get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2)
+
+
+def test_fashion_mnist_missing_names_all_three_ways(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST.__init__",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("network unreachable")))
+    with pytest.raises(UserError) as e:
+        get_data("fashionmnist", str(tmp_path / "empty"), 32)
+    msg = str(e.value)
+    assert "apt-get install dataset-fashion-mnist" in msg and "--data-root" in msg and "internet" in msg

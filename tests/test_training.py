@@ -1,0 +1,113 @@
+"""Real (tiny) training runs of meta_trainer_exp.py and trainer_exp.py on generated JPEG data."""
+import json
+
+import pytest
+import torch
+
+from data.synthetic import make_image_folder
+from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl
+from models import create_model, get_family
+from utils import checkpoint
+
+CKPT = "checkpoints/meta_prune"
+
+
+@pytest.fixture
+def work(tmp_path):
+    make_image_folder(tmp_path / "img", num_classes=3, train_per_class=12, val_per_class=4, size=24)
+    return tmp_path
+
+
+def train(work, *args):
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, *args, cwd=work)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.mark.parametrize("family", ["resnet50", "mobilenetv2"])
+def test_pruningnet_epoch_checkpoint_rebuilds_model(work, family):
+    train(work, "--arch", f"{family}_pruningnet", "--epochs", "1", "--valuate")
+    state = checkpoint.load(work / CKPT / f"imagenet_{family}_pruningnet_checkpoint.pth.tar", checkpoint.MODEL)
+    assert state["epoch"] == 1 and state["gene"] is None and state["arch"] == f"{family}_pruningnet"
+    assert {"model", "optimizer", "scheduler", "best_top1", "config", "metrics"} <= set(state)
+    assert set(state["metrics"]) == {"top1", "top1_widest", "top1_middle", "top1_narrowest"}
+    assert state["config"]["width_mult"] == 0.125
+    best = torch.load(work / CKPT / f"imagenet_{family}_pruningnet_best.pth.tar", weights_only=True)
+    assert best["epoch"] == 1
+    net = checkpoint.build_model(state)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    config = json.loads((work / CKPT / f"imagenet_{family}_pruningnet_config.json").read_text())
+    assert config["arch"] == f"{family}_pruningnet" and config["batch_size"] == 8
+    rows = read_jsonl(work / "logs" / f"imagenet_{family}_pruningnet.jsonl")
+    epoch_rows = [r for r in rows if r["kind"] == "epoch"]
+    assert len(epoch_rows) == 1 and "val_top1_middle" in epoch_rows[0] and epoch_rows[0]["img_s"] > 0
+    assert any(r["kind"] == "step" for r in rows)
+
+
+def test_pruningnet_draws_a_new_gene_every_step(work, monkeypatch):
+    from models import PruningNet
+
+    seen = []
+    original = PruningNet.forward
+    monkeypatch.setattr(PruningNet, "forward", lambda self, x, gene: seen.append(gene) or original(self, x, gene))
+    train(work, "--arch", "resnet50_pruningnet", "--epochs", "1")
+    assert len(seen) == 3 and len(set(seen)) == 3  # 24 training images / batch 8
+    layout = get_family("resnet50").layout
+    assert all(g[4] == 30 and len(g) == len(layout) for g in seen)
+
+
+def test_prunednet_from_gene_and_inherit(work):
+    train(work, "--arch", "mobilenetv2_pruningnet", "--epochs", "1")
+    gene = [7, 4, 5, 7, 6, 3, 9, 11, -1, 19, 4, 9, 11, 9, 9, 6, 10, 3, 6, 3, 7, 5, 17, 8, 8, 11]
+    pruning_ckpt = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
+    train(work, "--arch", "mobilenetv2_prunednet", "--gene", str(gene), "--epochs", "1", "--lr", "0",
+          "--inherit", pruning_ckpt, "--suffix", "_ft")
+    state = checkpoint.load(work / CKPT / "imagenet_mobilenetv2_prunednet_ft_checkpoint.pth.tar", checkpoint.MODEL)
+    assert state["gene"] == list(get_family("mobilenetv2").layout.parse(gene))
+    pruning = checkpoint.build_model(checkpoint.load(work / pruning_ckpt))
+    expected = pruning.materialize(tuple(state["gene"])).state_dict()
+    convs = [k for k in expected if k.endswith("conv.weight")]
+    assert convs and all(torch.equal(state["model"][k], expected[k]) for k in convs)  # lr 0 keeps inherited weights
+    rebuilt = checkpoint.build_model(state)
+    assert [m.conv.out_channels for m in rebuilt.conv_bns()] == [m.conv.out_channels for m in pruning.materialize(
+        tuple(state["gene"])).conv_bns()]
+
+
+def test_resume_continues_epoch_numbering_and_lr(work, monkeypatch):
+    args = ["--arch", "resnet50_prunednet", "--epochs", "3", "--valuate", "--lr", "0.05", "--warmup-epochs", "1"]
+    train(work, *args, "--suffix", "_straight")
+    from utils import engine
+
+    original, calls = engine.train_one_epoch, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run during its second epoch
+        return original(*a, **k)
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(work, *args, "--suffix", "_cut")
+    monkeypatch.setattr(engine, "train_one_epoch", original)
+    ckpt = f"{CKPT}/imagenet_resnet50_prunednet_cut_checkpoint.pth.tar"
+    assert checkpoint.load(work / ckpt)["epoch"] == 1
+    train(work, *args, "--suffix", "_cut", "--resume", ckpt)
+    straight = [r for r in read_jsonl(work / "logs/imagenet_resnet50_prunednet_straight.jsonl") if r["kind"] == "epoch"]
+    cut = [r for r in read_jsonl(work / "logs/imagenet_resnet50_prunednet_cut.jsonl") if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in cut] == [r["epoch"] for r in straight] == [1, 2, 3]
+    assert [r["lr"] for r in cut] == pytest.approx([r["lr"] for r in straight])
+    assert checkpoint.load(work / ckpt)["scheduler"]["last_epoch"] == 12  # 3 epochs x (36 images / batch 8)
+
+
+def test_trainer_exp_from_json(work):
+    exp = work / "baseline.json"
+    exp.write_text(json.dumps({"arch": "resnet50_prunednet", "dataset": "imagenet", "epochs": 1, "lr": 0.05}))
+    r = invoke("trainer_exp.py", "--json", str(exp), *TINY_DATA[2:], cwd=work)
+    assert r.returncode == 0, r.stderr
+    state = checkpoint.load(work / CKPT / "imagenet_resnet50_prunednet_best.pth.tar", checkpoint.MODEL)
+    assert state["gene"] is None and state["config"]["json"] == str(exp)
+    net = checkpoint.build_model(state)
+    assert net.gene == get_family("resnet50").layout.full()
+    assert "final top1" in r.stdout

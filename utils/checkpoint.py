@@ -1,0 +1,109 @@
+"""The one checkpoint helper: atomic writes, safe loads, and models rebuilt from the file alone.
+
+Every file is written to a temporary name in the target directory, flushed, fsynced and then
+``os.replace``d over the target, so a crash at any moment leaves the previous good file. Loading
+uses ``torch.load(weights_only=True)``: checkpoints hold tensors and plain Python types only, so a
+file carrying pickled code is refused instead of executed.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from models import create_model, get_family, is_pruningnet
+
+from .config import UserError
+
+FORMAT = "metaprune"
+MODEL, SEARCH = "model", "search"
+
+
+def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save(state: dict[str, Any], path: str | Path) -> None:
+    """Write a checkpoint atomically (``state`` must hold only tensors and plain types)."""
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def save_text(text: str, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def copy(src: str | Path, dst: str | Path) -> None:
+    """Atomically copy a finished checkpoint (``_best`` is only ever a complete file)."""
+    with open(src, "rb") as f:
+        _atomic_write(Path(dst), lambda out: shutil.copyfileobj(f, out))
+
+
+def load(path: str | Path, kind: str | None = None, flag: str = "checkpoint") -> dict[str, Any]:
+    """Load a MetaPrune checkpoint safely; user-facing problems become one-line ``UserError``s.
+
+    ``kind`` (``"model"`` or ``"search"``) is checked so that a search checkpoint given where a
+    model checkpoint belongs (or the reverse) is named as such.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{flag} {path}: refused to load, the file holds pickled objects other than tensors and plain "
+                        f"values (possibly code); load only checkpoints you trust ({str(e).splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{flag} {path}: truncated or corrupt file ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{flag} {path}: not a MetaPrune checkpoint")
+    if kind is not None and state.get("kind") != kind:
+        other = {MODEL: "a model checkpoint (pass it as --resume or --inherit)",
+                 SEARCH: "a search checkpoint (pass it as --search-resume)"}.get(state.get("kind"), "something else")
+        raise UserError(f"{flag} {path}: this is {other}, not a {kind} checkpoint")
+    return state
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the underlying model (unwraps DistributedDataParallel)."""
+    return getattr(model, "module", model).state_dict()
+
+
+def model_record(arch: str, gene: tuple[int, ...] | None, num_classes: int, width_mult: float,
+                 small_input: bool) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild its model (nanoGPT's ``model_args`` idea)."""
+    return {"arch": arch, "gene": None if gene is None else list(gene),
+            "model_args": {"num_classes": num_classes, "width_mult": width_mult, "small_input": small_input}}
+
+
+def build_model(state: dict[str, Any], load_weights: bool = True) -> nn.Module:
+    """Rebuild the model a checkpoint describes, with its weights."""
+    arch, kwargs = state["arch"], dict(state["model_args"])
+    if not is_pruningnet(arch) and state.get("gene") is not None:
+        kwargs["gene"] = get_family(arch).layout.validate(state["gene"])
+    model = create_model(arch, **kwargs)
+    if load_weights:
+        model.load_state_dict(state["model"])
+    return model

@@ -1,0 +1,213 @@
+"""Command-line configuration shared by the three entry scripts.
+
+Precedence: argparse defaults < the ``--json`` experiment file < flags given on the command line.
+JSON keys are argparse dests (``batch_size``; ``batch-size`` is accepted too); unknown keys and
+values of the wrong type are errors that name the key. Dataset-dependent defaults (input size,
+data root) are resolved afterwards, so ``--dry-run`` prints exactly what a run would use.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from models import list_models
+
+DATASETS = ("imagenet", "fashionmnist")
+DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashionmnist": 32}
+CHECKPOINT_DIR = Path("checkpoints/meta_prune")
+LOG_DIR = Path("logs")
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit status 2, nothing written."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and which spells flags both ways."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+    def flag(self, *names: str, **kwargs: Any) -> argparse.Action:
+        """Add a flag under its hyphen and underscore spellings (``--batch-size``, ``--batch_size``)."""
+        spelled = list(names) + ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--")]
+        return self.add_argument(*dict.fromkeys(spelled), **kwargs)
+
+
+def gene_literal(value: Any) -> list:
+    """A gene as written by the user: a list, or a string holding one (validated later against the arch)."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"cannot read a gene from {value!r}; write it as \"[20, 10, ...]\"") from None
+    if not isinstance(value, (list, tuple)):
+        raise argparse.ArgumentTypeError(f"a gene is a list of ids, got {value!r}")
+    return list(value)
+
+
+def gpu_ids(value: Any) -> list[int]:
+    """``3``, ``"0,1"`` or ``[0, 1]`` → list of CUDA device indices."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    try:
+        ids = [int(v) for v in items if not isinstance(v, bool)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpu takes CUDA indices such as 0 or 0,1; got {value!r}") from None
+    if len(ids) != len(items) or not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"--gpu takes CUDA indices such as 0 or 0,1; got {value!r}")
+    return ids
+
+
+def add_common_args(p: Parser, arch_default: str | None = None) -> None:
+    """Flags every script takes (the seed README's spellings plus the project's additions)."""
+    p.flag("--arch", default=arch_default, choices=list_models(), help="model name (see models/registry)")
+    p.flag("--dataset", default="fashionmnist", choices=DATASETS,
+           help="imagenet: an ImageFolder with train/ and val/; fashionmnist: the embedded CPU default")
+    p.flag("--data-root", default=None, help="dataset folder (default: $IMAGENET_ROOT or datasets/imagenet; "
+                                              "Fashion-MNIST: Debian's dataset-fashion-mnist location)")
+    p.flag("--gpu", type=gpu_ids, default=None, help="CUDA device index (default: CUDA 0 when present, else CPU)")
+    p.flag("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
+    p.flag("--workers", "-j", type=int, default=4, help="data-loading worker processes")
+    p.flag("--batch-size", "-b", type=int, default=256)
+    p.flag("--epochs", type=int, default=90)
+    p.flag("--seed", type=int, default=0)
+    p.flag("--width-mult", type=float, default=1.0, help="multiplier on every base channel count (gene meaning unchanged)")
+    p.flag("--input-size", type=int, default=None, help="image side (default: 224 ImageNet, 32 Fashion-MNIST)")
+    p.flag("--val-per-class", type=int, default=50, help="images per class held out of train as the sub-validation split")
+    p.flag("--json", default=None, help="experiment file: its keys override defaults, explicit flags override it")
+    p.flag("--log-path", default=None, help="human-readable log (default logs/{dataset}_{arch}{suffix}.txt)")
+    p.flag("--suffix", default="", help="appended to checkpoint and log names")
+    p.flag("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    p.flag("--visdom", action="store_true", help="plot to a visdom server")
+    p.flag("--vis-env", default=None, help="visdom environment (default {dataset}_{arch}{suffix})")
+    p.flag("--vis-legend", default=None, help="legend name of this run's traces (default: the run name)")
+    p.flag("--vis-interval", type=int, default=20, help="iterations between visdom points")
+    p.flag("--vis-server", default="http://127.0.0.1", help="visdom server address")
+    p.flag("--vis-port", type=int, default=8097)
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Dests the user set on the command line (a copy of the parser with every default suppressed)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
+    key = f"{where}: key '{action.dest}'"
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {value!r}")
+        return value
+    if value is None and action.default is None:
+        return None
+    kind = action.type or str
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        try:
+            value, ok = kind(value), True
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            raise UserError(f"{key}: {e}") from None
+    if not ok:
+        raise UserError(f"{key} must be {'a number' if kind is float else getattr(kind, '__name__', kind)}, got {value!r}")
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def load_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--json {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--json {path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--json {path}: the file must hold one JSON object of flag names to values")
+    return cfg
+
+
+def parse_args(parser: Parser, argv: list[str] | None = None,
+               validate: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with JSON precedence, resolve dataset defaults, then run ``validate``."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.json:
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "json")}
+        explicit = explicit_dests(parser, argv)
+        for key, value in load_json(args.json).items():
+            dest = key.replace("-", "_")
+            if dest not in actions:
+                raise UserError(f"--json {args.json}: unknown key '{key}' (keys are the script's flag names, see --help)")
+            if dest not in explicit:
+                setattr(args, dest, _coerce(actions[dest], value, f"--json {args.json}"))
+    if args.arch is None:
+        raise UserError("--arch is required (on the command line or in the --json file)")
+    if args.input_size is None:
+        args.input_size = DEFAULT_INPUT_SIZE[args.dataset]
+    if args.data_root is None and args.dataset == "imagenet":
+        args.data_root = os.environ.get("IMAGENET_ROOT", "datasets/imagenet")
+    for name in ("batch_size", "epochs", "input_size", "val_per_class", "vis_interval"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.width_mult <= 0 or args.workers < 0:
+        raise UserError(f"--width-mult must be > 0 and --workers >= 0, got {args.width_mult} and {args.workers}")
+    if validate:
+        validate(args)
+    return args
+
+
+def run_name(args: argparse.Namespace) -> str:
+    return f"{args.dataset}_{args.arch}{args.suffix}"
+
+
+def log_path(args: argparse.Namespace) -> Path:
+    return Path(args.log_path) if args.log_path else LOG_DIR / f"{run_name(args)}.txt"
+
+
+def dump(args: argparse.Namespace) -> str:
+    """The resolved config as one JSON object (argparse dests as keys)."""
+    return json.dumps(vars(args), sort_keys=True)
+
+
+def run_script(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run an entry script: user mistakes become one line on stderr and exit status 2.
+
+    ``METAPRUNE_DEBUG=1`` re-raises instead, for a traceback.
+    """
+    prog = Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except UserError as e:
+        if os.environ.get("METAPRUNE_DEBUG"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_training_args(p: Parser) -> None:
+    """Optimization flags of the training scripts."""
+    p.flag("--lr", type=float, default=0.1, help="peak learning rate")
+    p.flag("--momentum", type=float, default=0.9)
+    p.flag("--nesterov", action="store_true")
+    p.flag("--weight-decay", "--wd", type=float, default=1e-4, help="on weights only, not BN or biases")
+    p.flag("--label-smoothing", type=float, default=0.1)
+    p.flag("--lr-scheduler", default="linear", choices=("linear", "cosine"),
+           help="per-step decay to zero after warmup (linear is MetaPruning's)")
+    p.flag("--warmup-epochs", type=int, default=0)
+    p.flag("--valuate", action="store_true", help="validate after every epoch (else only after the last)")
+    p.flag("--resume", default=None, help="continue training from this _checkpoint.pth.tar")
