@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 
 from data import fixed_batches, get_data, make_loader
-from models import Gene, GeneLayout, create_model, get_family, is_pruningnet, small_input_for
+from models import Gene, GeneLayout, create_model, get_family, is_pruningnet
 from models.cost import cost_model
 from search.evaluator import CandidateEvaluator
 from utils import checkpoint
-from utils.config import (Parser, UserError, add_common_args, add_training_args, dump, gene_literal, log_path,
-                          parse_args, run_script)
-from utils.distributed import select_device
-from utils.engine import evaluate, fit
+from utils.config import (CHECKPOINT_DIR, Parser, UserError, add_common_args, add_training_args, dump, gene_literal,
+                          log_path, parse_args, run_script)
+from utils.distributed import Dist, cleanup, setup
+from utils.engine import Trainer, evaluate
 from utils.logger import RunLogger
+from utils.visdom_sink import make_sink
 
 MIDDLE_ID = 15
 
@@ -106,54 +107,72 @@ def inherit_weights(model: torch.nn.Module, gene: Gene, path: str) -> None:
     model.load_state_dict(net.materialize(gene).state_dict())
 
 
+def build_pruningnet(args: argparse.Namespace, data, device: torch.device, dist_info: Dist, model_args: dict):
+    """The PruningNet, its checkpoint record, and ``--valuate``'s probe-gene scoring on the sub-val split."""
+    layout = get_family(args.arch).layout
+    model = create_model(args.arch, **model_args).to(device)
+    recal = fixed_batches(data.train_eval, args.recal_batches, args.batch_size, args.seed)
+    subval = make_loader(data.subval, args.batch_size, False, args.workers, rank=dist_info.rank,
+                         world_size=dist_info.world_size, pin_memory=device.type == "cuda")
+    evaluator = CandidateEvaluator(model, recal, subval, device, reduce=dist_info.enabled)
+    probes = probe_genes(layout)
+
+    def validate(_model: torch.nn.Module) -> dict[str, float]:
+        scores = {f"top1_{k}": evaluator.top1(g) for k, g in probes.items()}
+        return {"top1": sum(scores.values()) / len(scores), **scores}
+
+    summary = f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
+    return model, checkpoint.model_record(args.arch, None, **model_args), validate, layout, summary
+
+
+def build_prunednet(args: argparse.Namespace, data, device: torch.device, dist_info: Dist, model_args: dict):
+    """The PrunedNet of the resolved gene (optionally with inherited weights) and its validation."""
+    gene, search_pruningnet = resolve_gene(args)
+    model = create_model(args.arch, gene=gene, **model_args)
+    if args.inherit:
+        source = search_pruningnet if args.inherit == "auto" else args.inherit
+        if source is None:
+            raise UserError("--inherit without a path needs --search-resume (whose search names its PruningNet)")
+        inherit_weights(model, gene, source)
+    model.to(device)
+    cost = cost_model(args.arch, args.input_size, data.num_classes, args.width_mult, args.small_input)(gene)
+    summary = (f"gene {get_family(args.arch).layout.format(gene)}: {cost.macs / 1e6:.2f} MMac, "
+               f"{cost.params / 1e6:.3f} M params")
+    val = make_loader(data.val, args.batch_size, False, args.workers, rank=dist_info.rank,
+                      world_size=dist_info.world_size, pin_memory=device.type == "cuda")
+    validate = lambda m: evaluate(m, val, device, args, reduce=dist_info.enabled)
+    return model, checkpoint.model_record(args.arch, gene, **model_args), validate, None, summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(get_args_parser(), argv, _validate)
     if args.dry_run:
         print(dump(args))
         return {}
-    device = select_device(args)
+    dist_info, device = setup(args)
     torch.manual_seed(args.seed)
     pruning = is_pruningnet(args.arch)
-    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning)
-    small = small_input_for(args.input_size)
-    model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": small}
-    layout = get_family(args.arch).layout
-    logger = RunLogger(log_path(args))
-    logger.info(f"config {dump(args)}")
-    pin = device.type == "cuda"
-    eval_loader = lambda ds: make_loader(ds, args.batch_size, False, args.workers, pin_memory=pin)
-
-    if pruning:
-        model = create_model(args.arch, **model_args).to(device)
-        record = checkpoint.model_record(args.arch, None, **model_args)
-        recal = fixed_batches(data.train_eval, args.recal_batches, args.batch_size, args.seed)
-        evaluator = CandidateEvaluator(model, recal, eval_loader(data.subval), device)
-        probes = probe_genes(layout)
-
-        def validate(_model: torch.nn.Module) -> dict[str, float]:
-            scores = {f"top1_{k}": evaluator.top1(g) for k, g in probes.items()}
-            return {"top1": sum(scores.values()) / len(scores), **scores}
-    else:
-        gene, search_pruningnet = resolve_gene(args)
-        model = create_model(args.arch, gene=gene, **model_args)
-        if args.inherit:
-            source = search_pruningnet if args.inherit == "auto" else args.inherit
-            if source is None:
-                raise UserError("--inherit without a path needs --search-resume (whose search names its PruningNet)")
-            inherit_weights(model, gene, source)
-        model.to(device)
-        record = checkpoint.model_record(args.arch, gene, **model_args)
-        cost = cost_model(args.arch, args.input_size, data.num_classes, args.width_mult, small)(gene)
-        logger.info(f"gene {layout.format(gene)}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params")
-        val_loader = eval_loader(data.val)
-        validate = lambda m: evaluate(m, val_loader, device)
-
-    loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, pin_memory=pin)
+    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning,
+                    seed=args.seed)
+    model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
+    build = build_pruningnet if pruning else build_prunednet
+    model, record, validate, layout, summary = build(args, data, device, dist_info, model_args)
+    loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, dist_info.rank,
+                         dist_info.world_size, pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
-    metrics = fit(args, model, record, loader, device, logger, validate, layout if pruning else None)
-    logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    logger.close()
+    path = log_path(args)
+    checkpoint.check_writable(CHECKPOINT_DIR, path.parent)
+    logger = RunLogger(path, enabled=dist_info.main, sink=make_sink(args, path.stem, path) if dist_info.main else None)
+    logger.info(f"config {dump(args)}")
+    logger.info(summary)
+    try:
+        metrics = Trainer(args, model, record, loader, device, logger, validate, layout, dist_info).fit()
+        logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    finally:
+        logger.close()
+    del model
+    cleanup()
     return metrics
 
 

@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
 # Create .venv and install everything the project needs. Safe to run again: a finished install
 # is recorded with the hash of requirements.txt and skipped while that file is unchanged.
+# --with-data: also install Fashion-MNIST (Debian's dataset-fashion-mnist; needs root or sudo).
+# --with-visdom-assets: also install the visdom dashboard page's JavaScript from the npm registry
+# (scripts/visdom_assets.sh), for machines where visdom cannot fetch it from its CDNs.
 set -euo pipefail
 cd "$(dirname "$0")"
+visdom_assets=false
+for arg in "$@"; do
+  case "$arg" in
+    --with-visdom-assets) visdom_assets=true ;;
+    --with-data)
+      if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+        sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+        $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+          || { echo "setup.sh: could not install dataset-fashion-mnist; install it or pass --data-root" >&2; exit 1; }
+      fi ;;
+    *) echo "setup.sh: unknown option $arg (use --with-data, --with-visdom-assets)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  if $visdom_assets; then scripts/visdom_assets.sh .venv/bin/python; fi
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -17,3 +34,4 @@ pip install --no-build-isolation -r requirements.txt
 .venv/bin/python -c "import torch, torchvision, visdom, ptflops, tqdm, numpy, pytest, matplotlib" \
   || { echo "setup.sh: the install is incomplete (see the pip messages above)" >&2; exit 1; }
 echo "$want" > "$stamp"
+if $visdom_assets; then scripts/visdom_assets.sh .venv/bin/python; fi

@@ -11,13 +11,15 @@ import sys
 import torch
 
 from data import get_data, make_loader
-from models import create_model, is_pruningnet, small_input_for
+from models import create_model, is_pruningnet
 from models.cost import cost_model
 from utils import checkpoint
-from utils.config import Parser, UserError, add_common_args, add_training_args, dump, log_path, parse_args, run_script
-from utils.distributed import select_device
-from utils.engine import evaluate, fit
+from utils.config import (CHECKPOINT_DIR, Parser, UserError, add_common_args, add_training_args, dump, log_path,
+                          parse_args, run_script)
+from utils.distributed import cleanup, setup
+from utils.engine import Trainer, evaluate
 from utils.logger import RunLogger
+from utils.visdom_sink import make_sink
 
 
 def get_args_parser() -> Parser:
@@ -37,25 +39,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.dry_run:
         print(dump(args))
         return {}
-    device = select_device(args)
+    dist_info, device = setup(args)
     torch.manual_seed(args.seed)
-    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=False)
-    small = small_input_for(args.input_size)
-    model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": small}
+    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=False, seed=args.seed)
+    model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     model = create_model(args.arch, **model_args).to(device)
-    logger = RunLogger(log_path(args))
-    logger.info(f"config {dump(args)}")
-    cost = cost_model(args.arch, args.input_size, data.num_classes, args.width_mult, small)(model.gene)
-    logger.info(f"{args.arch}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params")
+    cost = cost_model(args.arch, args.input_size, data.num_classes, args.width_mult, args.small_input)(model.gene)
     pin = device.type == "cuda"
-    loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, pin_memory=pin)
+    loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, dist_info.rank,
+                         dist_info.world_size, pin_memory=pin)
     if len(loader) == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
-    val_loader = make_loader(data.val, args.batch_size, False, args.workers, pin_memory=pin)
+    val = make_loader(data.val, args.batch_size, False, args.workers, rank=dist_info.rank,
+                      world_size=dist_info.world_size, pin_memory=pin)
+    path = log_path(args)
+    checkpoint.check_writable(CHECKPOINT_DIR, path.parent)
+    logger = RunLogger(path, enabled=dist_info.main, sink=make_sink(args, path.stem, path) if dist_info.main else None)
+    logger.info(f"config {dump(args)}")
+    logger.info(f"{args.arch}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params")
     record = checkpoint.model_record(args.arch, None, **model_args)
-    metrics = fit(args, model, record, loader, device, logger, lambda m: evaluate(m, val_loader, device))
-    logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    logger.close()
+    validate = lambda m: evaluate(m, val, device, args, reduce=dist_info.enabled)
+    try:
+        metrics = Trainer(args, model, record, loader, device, logger, validate, None, dist_info).fit()
+        logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    finally:
+        logger.close()
+    del model
+    cleanup()
     return metrics
 
 

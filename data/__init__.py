@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from utils.config import UserError
 
@@ -26,7 +26,7 @@ class DataBundle:
 
 
 def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class: int = 50,
-             hold_out: bool = True, dry: bool = False) -> DataBundle:
+             hold_out: bool = True, dry: bool = False, seed: int = 0) -> DataBundle:
     """Load ``dataset`` (``imagenet``: any ImageFolder root; ``fashionmnist``) and its sub-val split.
 
     ``hold_out=False`` trains on all of train (retraining a PrunedNet); the split still exists, so
@@ -45,8 +45,8 @@ def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class
         keep = [s for s, r in zip(samples, rel) if (r not in held) or not hold_out]
         sub = [s for s, r in zip(samples, rel) if r in held]
         train_tf, eval_tf = folder.transforms(input_size)
-        return DataBundle(folder.Images(keep, train_tf), folder.Images(keep, eval_tf), folder.Images(sub, eval_tf),
-                          folder.Images(val_samples, eval_tf), len(classes), path)
+        return DataBundle(folder.Images(keep, train_tf, seed), folder.Images(keep, eval_tf),
+                          folder.Images(sub, eval_tf), folder.Images(val_samples, eval_tf), len(classes), path)
     if dataset == "fashionmnist":
         where = fashion_mnist.locate(data_root)
         images, labels = fashion_mnist.load(where, "train")
@@ -56,28 +56,59 @@ def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class
         mask = torch.zeros(len(labels), dtype=torch.bool)
         mask[sorted(held)] = True
         keep = ~mask if hold_out else torch.ones_like(mask)
-        make = lambda m, train: fashion_mnist.FashionMNIST(images[m], labels[m], input_size, train)
+        make = lambda m, train: fashion_mnist.FashionMNIST(images[m], labels[m], input_size, train, seed)
         return DataBundle(make(keep, True), make(keep, False), make(mask, False),
                           fashion_mnist.FashionMNIST(test_images, test_labels, input_size, False),
                           len(fashion_mnist.CLASSES), path)
     raise UserError(f"unknown dataset {dataset!r}; choose imagenet or fashionmnist")
 
 
+class EpochSampler(Sampler[int]):
+    """Indices of one process's shard of an epoch: shuffled as a function of (seed, epoch) alone,
+    and optionally starting part-way through (``set_start``), so that a resumed run sees exactly
+    the batches an uninterrupted one would. Training shards are trimmed to equal sizes (DDP needs
+    the same number of steps everywhere); evaluation shards are disjoint and cover every sample."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def _shard(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
+            order = order[: self.n - self.n % self.world]
+        else:
+            order = list(range(self.n))
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self._shard()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._shard()) - self.start)
+
+
 def make_loader(ds: Dataset, batch_size: int, train: bool, workers: int, seed: int = 0,
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """A loader whose order depends only on ``seed`` and the epoch (``loader.sampler.set_epoch``).
-
-    A ``DistributedSampler`` is used even in one process so that the shuffle of an epoch is the
-    same function of (seed, epoch) everywhere, which makes resuming at an epoch boundary exact.
-    """
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
+    """A loader over this process's shard; training order and augmentation depend only on
+    (seed, epoch, step): call ``loader.sampler.set_epoch`` and ``loader.dataset.set_epoch``."""
+    sampler = EpochSampler(len(ds), train, seed, rank, world_size)
+    # its own generator: creating an iterator draws a worker seed, which must not move the global RNG
+    # (dropout draws from it, and a resumed run creates its iterator at another point of the stream)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-                      pin_memory=pin_memory, persistent_workers=False)
+                      pin_memory=pin_memory, collate_fn=getattr(ds, "collate", None),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def fixed_batches(ds: Dataset, n_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
     """``n_batches`` input batches drawn once (seeded) from ``ds``: the BN recalibration set."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds), generator=g)[: n_batches * batch_size].tolist()
-    xs = torch.stack([ds[i][0] for i in order])
-    return list(xs.split(batch_size))
+    loader = DataLoader(Subset(ds, order), batch_size=batch_size, collate_fn=getattr(ds, "collate", None))
+    return [x for x, _ in loader]

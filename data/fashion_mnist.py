@@ -6,6 +6,7 @@ torchvision where the internet is reachable. Images become 3 x 32 x 32 (padded) 
 from __future__ import annotations
 
 import gzip
+import random
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from utils.config import UserError
+
+from .folder import sample_seed
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_DIR = Path.home() / ".cache" / "metaprune"
@@ -74,27 +77,45 @@ def load(folder: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FashionMNIST(Dataset):
-    """Images normalized, padded (or resized) to ``input_size`` and repeated to 3 channels.
+    """Fashion-MNIST batches: normalized, padded (or resized) to ``input_size``, gray repeated to 3 channels.
 
-    ``train=True`` adds a random 4-pixel-padded crop and a horizontal flip.
+    Transforms run on whole batches in ``__getitems__`` (a per-image pipeline costs more than a
+    small network's step on a CPU). ``train=True`` adds a random crop of the 4-pixel-padded image
+    and a horizontal flip, drawn per sample from an RNG seeded by (seed, epoch, sample index).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, input_size: int, train: bool) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, input_size: int, train: bool, seed: int = 0) -> None:
         self.images, self.labels, self.size, self.train = images, labels, input_size, train
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = (self.images[i].float().div(255) - MEAN) / STD
-        x = x[None]
+        x, y = self.__getitems__([i])
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[indices].float().div_(255).sub_(MEAN).div_(STD)[:, None]
+        y = self.labels[indices]
+        background = -MEAN / STD
         if self.size == 32:
-            x = F.pad(x, (2, 2, 2, 2), value=-MEAN / STD)
+            x = F.pad(x, (2, 2, 2, 2), value=background)
         else:
-            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         if self.train:
-            dx, dy = torch.randint(0, 9, (2,)).tolist()
-            x = F.pad(x, (4, 4, 4, 4), value=-MEAN / STD)[:, dy:dy + self.size, dx:dx + self.size]
-            if torch.rand(()) < 0.5:
-                x = x.flip(-1)
-        return x.expand(3, -1, -1), int(self.labels[i])
+            draws = [random.Random(sample_seed(self.seed, self.epoch, i)) for i in indices]
+            draws = [(r.randrange(9), r.randrange(9), r.random() < 0.5) for r in draws]
+            padded = F.pad(x, (4, 4, 4, 4), value=background)
+            x = torch.stack([p[:, dy:dy + self.size, dx:dx + self.size] for p, (dy, dx, _) in zip(padded, draws)])
+            flip = torch.tensor([f for _, _, f in draws])
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.expand(-1, 3, -1, -1).contiguous(), y
+
+    @staticmethod
+    def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``__getitems__`` already returns a whole batch."""
+        return batch

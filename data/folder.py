@@ -14,10 +14,17 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Images(Dataset):
-    """A list of ``(path, class)`` samples read with PIL and passed through ``transform``."""
+    """A list of ``(path, class)`` samples read with PIL and passed through ``transform``.
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
-        self.samples, self.transform = samples, transform
+    Random transforms of a sample draw from an RNG seeded by (seed, epoch, sample index), so its
+    augmentation is the same in any worker, any batch or process shard, and after a resume.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, seed: int = 0) -> None:
+        self.samples, self.transform, self.seed, self.epoch = samples, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -26,6 +33,19 @@ class Images(Dataset):
         path, target = self.samples[i]
         with Image.open(path) as img:
             return self.transform(img.convert("RGB")), target
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        out = []
+        with torch.random.fork_rng(devices=[]):
+            for i in indices:
+                torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+                out.append(self[i])
+        return out
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63
 
 
 def transforms(input_size: int) -> tuple[Callable, Callable]:

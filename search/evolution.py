@@ -235,7 +235,7 @@ def init_state(layout: GeneLayout, rng: random.Random, feasible: Feasibility, po
     return SearchState(iteration=0, population=genes, scores={}, top=[], rng_state=rng.getstate())
 
 
-def _check_step_args(population: int, select_num: int, mutation_num: int, crossover_num: int,
+def check_step_args(population: int, select_num: int, mutation_num: int, crossover_num: int,
                      mutation_prob: float) -> None:
     if population < 1:
         raise ValueError(f"population must be >= 1, got {population}")
@@ -258,7 +258,7 @@ def step(state: SearchState, layout: GeneLayout, rng: random.Random, feasible: F
     ``score_fn`` gets one batch (so the caller can shard it) of genes never scored before and is
     skipped when there are none. Returns a new state; ``state`` is left unchanged.
     """
-    _check_step_args(population, select_num, mutation_num, crossover_num, mutation_prob)
+    check_step_args(population, select_num, mutation_num, crossover_num, mutation_prob)
     new = [g for g in dict.fromkeys(state.population) if g not in state.scores]
     scores = dict(state.scores)
     if new:

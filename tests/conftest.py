@@ -3,12 +3,16 @@ import random
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per process: tests run servers and torchrun workers beside the test process, and
+# oversubscribed OpenMP threads make small ops tens of times slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ TINY_TRAIN = TINY_DATA + ["--recal-batches", "2"]
 def run_script(script: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python ROOT/script args`` in ``cwd`` (outside the checkout, as a user may)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
                        env=full_env, timeout=timeout)
     if check and r.returncode != 0:

@@ -107,12 +107,32 @@ def fmnist_root(tmp_path, monkeypatch):
 def test_fashion_mnist_from_data_root(fmnist_root):
     data = get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2)
     assert len(data.train) == 100 and len(data.subval) == 20 and len(data.val) == 30 and data.num_classes == 10
-    x, y = data.train[3]
-    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1])  # grayscale repeated to 3 channels
-    ev, _ = data.val[0]
-    raw = fashion_mnist.read_idx(fmnist_root / "t10k-images-idx3-ubyte.gz")[0]
+    x, y = next(iter(make_loader(data.train, 16, True, 0)))
+    assert x.shape == (16, 3, 32, 32) and y.shape == (16,) and torch.equal(x[:, 0], x[:, 1])  # gray → 3 channels
+    ev, ey = next(iter(make_loader(data.val, 4, False, 0)))
+    raw = fashion_mnist.read_idx(fmnist_root / "t10k-images-idx3-ubyte.gz")[:4]
     expected = (torch.from_numpy(raw.astype(np.float32)) / 255 - fashion_mnist.MEAN) / fashion_mnist.STD
-    torch.testing.assert_close(ev[0, 2:30, 2:30], expected)  # eval: padded, not cropped
+    torch.testing.assert_close(ev[:, 0, 2:30, 2:30], expected)  # eval: padded, not cropped
+    assert ey.tolist() == [0, 1, 2, 3]
+    background = -fashion_mnist.MEAN / fashion_mnist.STD
+    assert torch.allclose(ev[:, :, :2], torch.full_like(ev[:, :, :2], background))
+    # train: every image is a crop of its 4-pixel-padded eval image, possibly flipped, and crops vary
+    eval_view = fashion_mnist.FashionMNIST(data.train.images, data.train.labels, 32, train=False)
+    plain, _ = eval_view.__getitems__(list(range(8)))
+    aug, _ = data.train.__getitems__(list(range(8)))
+    padded = torch.nn.functional.pad(plain, (4, 4, 4, 4), value=background)
+    found = set()
+    for p, a in zip(padded, aug):
+        matches = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
+                   if torch.equal(p[:, dy:dy + 32, dx:dx + 32].flip(-1) if f else p[:, dy:dy + 32, dx:dx + 32], a)]
+        assert matches
+        found.add(matches[0])
+    assert len(found) > 1
+    # augmentation is a function of (seed, epoch, sample): the same again, in any batch; another epoch differs
+    torch.testing.assert_close(data.train.__getitems__(list(range(8)))[0], aug)
+    torch.testing.assert_close(data.train.__getitems__([9, 5, 2])[0][1:], aug[[5, 2]])
+    data.train.set_epoch(1)
+    assert not torch.equal(data.train.__getitems__(list(range(8)))[0], aug)
 
 
 def test_fashion_mnist_truncated_file(fmnist_root):

@@ -74,31 +74,35 @@ def test_prunednet_from_gene_and_inherit(work):
         tuple(state["gene"])).conv_bns()]
 
 
-def test_resume_continues_epoch_numbering_and_lr(work, monkeypatch):
-    args = ["--arch", "resnet50_prunednet", "--epochs", "3", "--valuate", "--lr", "0.05", "--warmup-epochs", "1"]
+def test_interrupted_run_resumes_exactly(work, monkeypatch):
+    args = ["--arch", "resnet50_pruningnet", "--epochs", "3", "--valuate", "--lr", "0.05", "--warmup-epochs", "1"]
     train(work, *args, "--suffix", "_straight")
-    from utils import engine
+    from utils.engine import Trainer
 
-    original, calls = engine.train_one_epoch, []
+    original, calls = Trainer.train_one_epoch, []
 
-    def interrupted(*a, **k):
+    def interrupted(self, stop):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # the user stops the run during its second epoch
-        return original(*a, **k)
+            raise KeyboardInterrupt  # the run dies during its second epoch
+        return original(self, stop)
 
-    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    monkeypatch.setattr(Trainer, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(work, *args, "--suffix", "_cut")
-    monkeypatch.setattr(engine, "train_one_epoch", original)
-    ckpt = f"{CKPT}/imagenet_resnet50_prunednet_cut_checkpoint.pth.tar"
+    monkeypatch.setattr(Trainer, "train_one_epoch", original)
+    ckpt = f"{CKPT}/imagenet_resnet50_pruningnet_cut_checkpoint.pth.tar"
     assert checkpoint.load(work / ckpt)["epoch"] == 1
     train(work, *args, "--suffix", "_cut", "--resume", ckpt)
-    straight = [r for r in read_jsonl(work / "logs/imagenet_resnet50_prunednet_straight.jsonl") if r["kind"] == "epoch"]
-    cut = [r for r in read_jsonl(work / "logs/imagenet_resnet50_prunednet_cut.jsonl") if r["kind"] == "epoch"]
+    straight = [r for r in read_jsonl(work / "logs/imagenet_resnet50_pruningnet_straight.jsonl") if r["kind"] == "epoch"]
+    cut = [r for r in read_jsonl(work / "logs/imagenet_resnet50_pruningnet_cut.jsonl") if r["kind"] == "epoch"]
     assert [r["epoch"] for r in cut] == [r["epoch"] for r in straight] == [1, 2, 3]
-    assert [r["lr"] for r in cut] == pytest.approx([r["lr"] for r in straight])
-    assert checkpoint.load(work / ckpt)["scheduler"]["last_epoch"] == 12  # 3 epochs x (36 images / batch 8)
+    assert [r["lr"] for r in cut] == [r["lr"] for r in straight]
+    a = checkpoint.load(work / f"{CKPT}/imagenet_resnet50_pruningnet_straight_checkpoint.pth.tar")
+    b = checkpoint.load(work / ckpt)
+    assert b["scheduler"]["last_epoch"] == a["scheduler"]["last_epoch"] == 9  # 3 epochs x (24 images / batch 8)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k  # same data order, augmentation, genes and RNG: same weights
 
 
 def test_trainer_exp_from_json(work):

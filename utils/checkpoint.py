@@ -28,14 +28,22 @@ MODEL, SEARCH = "model", "search"
 
 
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; run from a writable directory") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous file is kept") from None
     except BaseException:
         os.unlink(tmp)
         raise
@@ -44,6 +52,16 @@ def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def check_writable(*folders: Path) -> None:
+    """Fail before any work when an output folder cannot be created or written."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise UserError(f"cannot write to {folder}/ ({e.strerror or e}); run from a writable directory") from None
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from models import list_models
+from models import list_models, small_input_for
 
 DATASETS = ("imagenet", "fashionmnist")
 DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashionmnist": 32}
@@ -26,6 +26,10 @@ LOG_DIR = Path("logs")
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2, nothing written."""
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. a non-finite loss): one line, exit status 1, last good checkpoint kept."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +83,8 @@ def add_common_args(p: Parser, arch_default: str | None = None) -> None:
     p.flag("--seed", type=int, default=0)
     p.flag("--width-mult", type=float, default=1.0, help="multiplier on every base channel count (gene meaning unchanged)")
     p.flag("--input-size", type=int, default=None, help="image side (default: 224 ImageNet, 32 Fashion-MNIST)")
+    p.flag("--small-input", action=argparse.BooleanOptionalAction, default=None,
+           help="3x3/1 stem without max-pool for small images (default: on for --input-size <= 32)")
     p.flag("--val-per-class", type=int, default=50, help="images per class held out of train as the sub-validation split")
     p.flag("--json", default=None, help="experiment file: its keys override defaults, explicit flags override it")
     p.flag("--log-path", default=None, help="human-readable log (default logs/{dataset}_{arch}{suffix}.txt)")
@@ -159,12 +165,14 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
         raise UserError("--arch is required (on the command line or in the --json file)")
     if args.input_size is None:
         args.input_size = DEFAULT_INPUT_SIZE[args.dataset]
+    if args.small_input is None:
+        args.small_input = small_input_for(args.input_size)
     if args.data_root is None and args.dataset == "imagenet":
         args.data_root = os.environ.get("IMAGENET_ROOT", "datasets/imagenet")
     for name in ("batch_size", "epochs", "input_size", "val_per_class", "vis_interval"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.width_mult <= 0 or args.workers < 0:
+    if (args.width_mult is not None and args.width_mult <= 0) or args.workers < 0:
         raise UserError(f"--width-mult must be > 0 and --workers >= 0, got {args.width_mult} and {args.workers}")
     if validate:
         validate(args)
@@ -192,11 +200,11 @@ def run_script(main: Callable[[list[str] | None], Any], argv: list[str] | None =
     prog = Path(sys.argv[0]).name
     try:
         main(argv)
-    except UserError as e:
+    except (UserError, TrainingStopped) as e:
         if os.environ.get("METAPRUNE_DEBUG"):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 def add_training_args(p: Parser) -> None:
@@ -211,3 +219,9 @@ def add_training_args(p: Parser) -> None:
     p.flag("--warmup-epochs", type=int, default=0)
     p.flag("--valuate", action="store_true", help="validate after every epoch (else only after the last)")
     p.flag("--resume", default=None, help="continue training from this _checkpoint.pth.tar")
+    p.flag("--steps-per-epoch", type=int, default=0, help="cap on training steps per epoch (0 = the whole set)")
+    p.flag("--save-every-steps", type=int, default=0, help="also checkpoint every N steps inside an epoch (0 = off)")
+    p.flag("--amp", default=None, choices=("bf16", "fp16"), help="mixed precision (fp16 adds a GradScaler)")
+    p.flag("--channels-last", action="store_true", help="NHWC memory format (faster convs on recent GPUs)")
+    p.flag("--sync-bn", action="store_true", help="synchronize BatchNorm statistics across GPUs under torchrun")
+    p.flag("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume; slower on GPU)")

@@ -1,11 +1,34 @@
-"""Device selection and (for torchrun) the process group."""
+"""Devices and torchrun: one process per GPU (or per CPU worker), DistributedDataParallel, gloo on CPU."""
 from __future__ import annotations
 
 import argparse
+import gc
+import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .config import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Only the main process writes checkpoints, logs and plots."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
 
 
 def select_device(args: argparse.Namespace) -> torch.device:
@@ -16,11 +39,72 @@ def select_device(args: argparse.Namespace) -> torch.device:
     if args.gpu is None:
         return torch.device("cuda", 0) if count else torch.device("cpu")
     if len(args.gpu) > 1:
-        raise UserError(f"--gpu {','.join(map(str, args.gpu))}: one process drives one GPU; for several use "
-                        f"torchrun --nproc_per_node={len(args.gpu)} with CUDA_VISIBLE_DEVICES={','.join(map(str, args.gpu))}")
+        ids = ",".join(map(str, args.gpu))
+        raise UserError(f"--gpu {ids}: one process drives one GPU; for several run CUDA_VISIBLE_DEVICES={ids} "
+                        f"torchrun --nproc_per_node={len(args.gpu)} <script> <the same flags without --gpu>")
     index = args.gpu[0]
+    if index >= count and count:
+        raise UserError(f"--gpu {index}: this machine has {count} CUDA GPU(s), 0..{count - 1}; pick one or drop --gpu")
     if index >= count:
-        have = f"{count} CUDA GPU{'s' if count != 1 else ''}" if count else "no CUDA GPU"
-        raise UserError(f"--gpu {index}: this machine has {have}; pick an index below {count} or drop --gpu to run "
-                        f"on the CPU" if count else f"--gpu {index}: this machine has {have}; drop --gpu to run on the CPU")
+        raise UserError(f"--gpu {index}: this machine has no CUDA GPU; drop --gpu to run on the CPU")
     return torch.device("cuda", index)
+
+
+def setup(args: argparse.Namespace) -> tuple[Dist, torch.device]:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU), pick this process's device
+    and the kernels: cuDNN autotuning by default, deterministic ones with ``--deterministic``."""
+    if getattr(args, "deterministic", False):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        device = select_device(args)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return Dist(), device
+    if args.gpu is not None:
+        raise UserError("--gpu is for one process; under torchrun pick GPUs with CUDA_VISIBLE_DEVICES")
+    info = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if use_cuda:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return info, device
+
+
+def cleanup() -> None:
+    """Leave the process group. Call it after the DDP model and optimizer are gone: gloo aborts at
+    exit in a few percent of runs when they outlive ``destroy_process_group``."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over all processes (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (a one-element list in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

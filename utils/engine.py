@@ -1,23 +1,33 @@
-"""Training and evaluation loops shared by ``meta_trainer_exp.py`` and ``trainer_exp.py``."""
+"""Training and evaluation loops shared by ``meta_trainer_exp.py`` and ``trainer_exp.py``.
+
+Resuming is exact: the data order is a function of (seed, epoch), augmentation is seeded per batch
+(see ``data``), the PruningNet's gene is a function of (seed, step), and checkpoints carry the RNG
+states, so a run killed at any point and resumed from its last checkpoint ends where an
+uninterrupted run would (bit for bit with ``--deterministic`` on the same machine).
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
+import signal
 import time
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from models import Gene, GeneLayout, is_pruningnet
+from models import Gene, GeneLayout
 
 from . import checkpoint
-from .config import CHECKPOINT_DIR, UserError, run_name
+from .config import CHECKPOINT_DIR, TrainingStopped, UserError, run_name
+from .distributed import Dist, all_gather, all_reduce_sum, barrier
 from .logger import RunLogger, progress
-from .meters import AverageMeter, correct_topk
+from .meters import correct_topk
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -28,20 +38,19 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
 
 
+def lr_factor(args: argparse.Namespace, progress_: float) -> float:
+    """Learning-rate multiplier at a fractional epoch: linear warmup, then linear (MetaPruning's) or cosine decay."""
+    if progress_ < args.warmup_epochs:
+        return progress_ / args.warmup_epochs
+    t = min(1.0, (progress_ - args.warmup_epochs) / max(1e-9, args.epochs - args.warmup_epochs))
+    return 0.5 * (1 + math.cos(math.pi * t)) if args.lr_scheduler == "cosine" else 1 - t
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: linear warmup, then linear decay to zero (MetaPruning's) or cosine."""
-    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, total - warmup)
-        if args.lr_scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-        return max(0.0, 1 - progress_)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """A per-step schedule defined on fractional epochs, so resuming with another world size (other
+    steps per epoch) keeps the same learning rate at the same point of training."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args, (step + 1) / steps_per_epoch))
 
 
 def gene_for_step(layout: GeneLayout, seed: int, step: int) -> Gene:
@@ -50,93 +59,218 @@ def gene_for_step(layout: GeneLayout, seed: int, step: int) -> Gene:
     return layout.sample(random.Random(seed * 1_000_003 + step))
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LambdaLR, criterion: nn.Module, device: torch.device,
-                    epoch: int, logger: RunLogger, args: argparse.Namespace,
-                    layout: GeneLayout | None = None) -> dict[str, float]:
-    """One epoch; with ``layout`` the model is a PruningNet and every step draws a fresh gene."""
-    model.train()
-    loss_m, top1_m = AverageMeter(), AverageMeter()
-    seen, start = 0, time.perf_counter()
-    steps = len(loader)
-    for i, (x, y) in enumerate(progress(loader, desc=f"epoch {epoch}", total=steps)):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        step = epoch * steps + i
-        out = model(x, gene_for_step(layout, args.seed, step)) if layout is not None else model(x)
-        loss = criterion(out, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        n = y.shape[0]
-        seen += n
-        loss_m.update(loss.item(), n)
-        top1_m.update(100.0 * correct_topk(out.detach(), y)[0] / n, n)
-        if (i + 1) % args.vis_interval == 0 or i + 1 == steps:
-            logger.record("step", epoch=epoch, step=step + 1, loss=round(loss_m.avg, 5), top1=round(top1_m.avg, 3),
-                          lr=optimizer.param_groups[0]["lr"], img_s=round(seen / (time.perf_counter() - start), 1))
-    elapsed = time.perf_counter() - start
-    return {"loss": loss_m.avg, "top1": top1_m.avg, "lr": optimizer.param_groups[0]["lr"], "time": elapsed,
-            "img_s": seen / max(elapsed, 1e-9)}
+def autocast(args: argparse.Namespace, device: torch.device):
+    """Mixed precision when ``--amp`` asks for it."""
+    if not args.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def rng_state() -> dict[str, torch.Tensor | list]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM set a flag; the loop saves a resumable checkpoint at the next step and stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __enter__(self) -> "_StopRequests":
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
-    """Top-1, top-5 (%) and cross-entropy of ``model`` in eval mode over ``(x, y)`` batches."""
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, args: argparse.Namespace | None = None,
+             reduce: bool = False) -> dict[str, float]:
+    """Top-1, top-5 (%) and cross-entropy of ``model`` in eval mode over ``(x, y)`` batches.
+
+    ``reduce`` sums the counts over all processes (each evaluated its own shard of the data).
+    """
     model.eval()
-    loss_sum, hits, n = 0.0, [0, 0], 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        hits = [h + c for h, c in zip(hits, correct_topk(out, y, (1, 5)))]
-        n += y.shape[0]
-    n = max(n, 1)
-    return {"top1": 100.0 * hits[0] / n, "top5": 100.0 * hits[1] / n, "loss": loss_sum / n}
+        if args is not None and args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(args, device) if args is not None else contextlib.nullcontext():
+            out = model(x)
+        out = out.float()
+        top1, top5 = correct_topk(out, y, (1, 5))
+        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), top1.double(), top5.double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+    loss, hits1, hits5, n = all_reduce_sum(sums.tolist(), device) if reduce else sums.tolist()
+    n = max(n, 1.0)
+    return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "loss": loss / n}
 
 
-def fit(args: argparse.Namespace, model: nn.Module, record: dict, loader, device: torch.device,
-        logger: RunLogger, validate: Callable[[nn.Module], dict[str, float]],
-        layout: GeneLayout | None = None) -> dict[str, float]:
-    """The epoch loop: train, validate (each epoch with ``--valuate``, else after the last), save
-    ``_checkpoint`` every epoch and ``_best`` when the validation top-1 improves; resumes from ``--resume``."""
-    name = run_name(args)
-    ckpt_path, best_path = CHECKPOINT_DIR / f"{name}_checkpoint.pth.tar", CHECKPOINT_DIR / f"{name}_best.pth.tar"
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, len(loader))
-    start_epoch, best, metrics = 0, -1.0, {}
-    if args.resume:
-        state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume")
-        if state["arch"] != record["arch"] or state.get("gene") != record["gene"]:
-            raise UserError(f"--resume {args.resume}: the checkpoint is for {state['arch']} gene {state.get('gene')}, "
-                            f"this run is {record['arch']} gene {record['gene']}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, metrics = state["epoch"], state["best_top1"], state.get("metrics", {})
-        logger.info(f"resumed {args.resume} at epoch {start_epoch} (best top-1 {best:.2f})")
-    checkpoint.save_text(json.dumps(vars(args), indent=1, sort_keys=True), CHECKPOINT_DIR / f"{name}_config.json")
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, scheduler, criterion, device, epoch, logger, args, layout)
-        metrics = validate(model) if args.valuate or epoch + 1 == args.epochs else {}
+class Trainer:
+    """The epoch loop: train, validate, save ``_checkpoint`` (every epoch, every ``--save-every-steps``
+    steps, and on SIGINT/SIGTERM) and ``_best``; resume from ``--resume``."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, record: dict, loader, device: torch.device,
+                 logger: RunLogger, validate: Callable[[nn.Module], dict[str, float]],
+                 layout: GeneLayout | None = None, dist_info: Dist = Dist()) -> None:
+        self.args, self.record, self.loader, self.device, self.logger = args, record, loader, device, logger
+        self.validate, self.layout, self.dist = validate, layout, dist_info
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if args.sync_bn and dist_info.enabled:
+            if device.type != "cuda":
+                raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if dist_info.enabled else model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.optimizer = build_optimizer(model, args)
+        self.steps = min(len(loader), args.steps_per_epoch or len(loader))
+        self.scheduler = build_scheduler(self.optimizer, args, self.steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        name = run_name(args)
+        self.ckpt_path = CHECKPOINT_DIR / f"{name}_checkpoint.pth.tar"
+        self.best_path = CHECKPOINT_DIR / f"{name}_best.pth.tar"
+        self.epoch, self.step_in_epoch, self.best, self.metrics = 0, 0, -1.0, {}
+
+    def resume(self, path: str) -> None:
+        state = checkpoint.load(path, checkpoint.MODEL, "--resume")
+        if state["arch"] != self.record["arch"] or state.get("gene") != self.record["gene"]:
+            raise UserError(f"--resume {path}: the checkpoint is for {state['arch']} gene {state.get('gene')}, "
+                            f"this run is {self.record['arch']} gene {self.record['gene']}")
+        if "optimizer" not in state:
+            raise UserError(f"--resume {path}: holds weights only (no optimizer state); use it with --inherit")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state.get("scaler", {}))
+        self.epoch, self.best, self.metrics = state["epoch"], state["best_top1"], state.get("metrics", {})
+        # a mid-epoch checkpoint of another world size resumes after the same number of samples
+        done = state.get("step_in_epoch", 0) * state.get("world_size", 1)
+        self.step_in_epoch = done // self.dist.world_size
+        self.scheduler.last_epoch = self.epoch * self.steps + self.step_in_epoch  # steps taken
+        factor = lr_factor(self.args, (self.scheduler.last_epoch + 1) / self.steps)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        set_rng_state(state["rng"])
+        self.logger.info(f"resumed {path} at epoch {self.epoch} step {self.step_in_epoch} (best top-1 {self.best:.2f})")
+
+    def state(self) -> dict:
+        return {"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, **self.record, "dataset": self.args.dataset,
+                "model": checkpoint.model_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "world_size": self.dist.world_size, "best_top1": self.best,
+                "metrics": self.metrics, "rng": rng_state(), "config": vars(self.args)}
+
+    def save(self, best: bool = False) -> None:
+        if self.dist.main:
+            checkpoint.save(self.state(), self.ckpt_path)
+            if best:
+                checkpoint.copy(self.ckpt_path, self.best_path)
+        barrier()
+
+    def fit(self) -> dict[str, float]:
+        args = self.args
+        if args.resume:
+            self.resume(args.resume)
+        if self.dist.main:
+            checkpoint.save_text(json.dumps(vars(args), indent=1, sort_keys=True),
+                                 CHECKPOINT_DIR / f"{run_name(args)}_config.json")
+        with _StopRequests() as stop:
+            while self.epoch < args.epochs:
+                stats = self.train_one_epoch(stop)
+                if stop.signal is not None:
+                    self.save()
+                    self.logger.info(f"stopped by signal {stop.signal} at epoch {self.epoch} step "
+                                     f"{self.step_in_epoch}; resume with --resume {self.ckpt_path}")
+                    raise SystemExit(128 + stop.signal)
+                self.end_epoch(stats)
+        return self.metrics
+
+    def end_epoch(self, stats: dict[str, float]) -> None:
+        args = self.args
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        metrics = self.validate(self.model) if args.valuate or self.epoch == args.epochs else {}
         top1 = metrics.get("top1", -1.0)
-        is_best = bool(metrics) and top1 > best
-        best = max(best, top1)
-        logger.record("epoch", epoch=epoch + 1, train_loss=round(stats["loss"], 5), train_top1=round(stats["top1"], 3),
-                      lr=stats["lr"], seconds=round(stats["time"], 2), img_s=round(stats["img_s"], 1),
-                      **{f"val_{k}": round(v, 4) for k, v in metrics.items()})
-        logger.info(f"epoch {epoch + 1}/{args.epochs} loss {stats['loss']:.4f} train top-1 {stats['top1']:.2f} "
-                    f"lr {stats['lr']:.4g} {stats['img_s']:.0f} img/s"
-                    + (f" | val top-1 {top1:.2f} (best {best:.2f})" if metrics else ""))
-        state = {"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, **record, "dataset": args.dataset,
-                 "model": checkpoint.model_state(model), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_top1": best, "metrics": metrics,
-                 "config": vars(args)}
-        checkpoint.save(state, ckpt_path)
-        if is_best:
-            checkpoint.copy(ckpt_path, best_path)
-    return metrics
+        is_best = bool(metrics) and top1 > self.best
+        self.best, self.metrics = max(self.best, top1), metrics or self.metrics
+        self.logger.record("epoch", epoch=self.epoch, train_loss=round(stats["loss"], 5),
+                           train_top1=round(stats["top1"], 3), lr=stats["lr"], seconds=round(stats["time"], 2),
+                           img_s=round(stats["img_s"], 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()})
+        self.logger.info(f"epoch {self.epoch}/{args.epochs} loss {stats['loss']:.4f} train top-1 {stats['top1']:.2f} "
+                         f"lr {stats['lr']:.4g} {stats['img_s']:.0f} img/s"
+                         + (f" | val top-1 {top1:.2f} (best {self.best:.2f})" if metrics else ""))
+        self.save(best=is_best)
+
+    def train_one_epoch(self, stop: _StopRequests) -> dict[str, float]:
+        """Train from ``step_in_epoch`` to the end of the epoch (or until a stop signal)."""
+        args, device = self.args, self.device
+        self.loader.sampler.set_epoch(self.epoch)
+        self.loader.sampler.set_start(self.step_in_epoch * self.loader.batch_size)
+        self.loader.dataset.set_epoch(self.epoch)
+        self.ddp.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, top-1 hits, samples
+        start, seen = time.perf_counter(), 0
+        for x, y in progress(self.loader, desc=f"epoch {self.epoch}", total=self.steps - self.step_in_epoch):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            step = self.epoch * self.steps + self.step_in_epoch
+            gene = gene_for_step(self.layout, args.seed, step) if self.layout is not None else None
+            with autocast(args, device):
+                out = self.ddp(x, gene) if gene is not None else self.ddp(x)
+                loss = self.criterion(out.float(), y)
+            if not torch.isfinite(loss):
+                self.logger.info(f"non-finite loss {loss.item()} at epoch {self.epoch} step {self.step_in_epoch}"
+                                 + (f" gene {self.layout.format(gene)}" if gene is not None else ""))
+                raise TrainingStopped(f"loss became {loss.item()} at epoch {self.epoch} step {self.step_in_epoch}; "
+                                      f"the last good checkpoint {self.ckpt_path} is kept (lower --lr or add "
+                                      f"--warmup-epochs, then --resume it)")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            n = len(y)
+            sums += torch.stack([loss.detach().double() * n, correct_topk(out.detach(), y)[0].double(),
+                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            seen += n
+            self.step_in_epoch += 1
+            if self.step_in_epoch % args.vis_interval == 0 or self.step_in_epoch == self.steps:
+                # one device sync (and one all-reduce) per logging interval, not per step
+                loss_sum, hits, count = all_reduce_sum(sums.tolist(), device)
+                extra = {}
+                if gene is not None:
+                    if len(set(map(tuple, all_gather(gene)))) > 1:  # DDP would average different structures
+                        raise TrainingStopped(f"processes disagree on the gene of step {step}; all must run the same "
+                                              f"code and --seed")
+                    extra["gene"] = self.layout.format(gene)
+                self.logger.record("step", epoch=self.epoch, step=step + 1, loss=round(loss_sum / count, 5),
+                                   top1=round(100 * hits / count, 3), lr=self.optimizer.param_groups[0]["lr"],
+                                   img_s=round(seen * self.dist.world_size / (time.perf_counter() - start), 1),
+                                   **extra)
+            if args.save_every_steps and self.step_in_epoch % args.save_every_steps == 0 \
+                    and self.step_in_epoch < self.steps:
+                self.save()
+            if stop.signal is not None or self.step_in_epoch == self.steps:
+                break
+        elapsed = time.perf_counter() - start
+        loss_sum, hits, count = all_reduce_sum(sums.tolist(), device)
+        count = max(count, 1.0)
+        return {"loss": loss_sum / count, "top1": 100 * hits / count, "lr": self.optimizer.param_groups[0]["lr"],
+                "time": elapsed, "img_s": seen * self.dist.world_size / max(elapsed, 1e-9)}

@@ -1,27 +1,13 @@
-"""Running averages and top-k accuracy."""
+"""Top-k accuracy counts."""
 from __future__ import annotations
 
 import torch
 
 
-class AverageMeter:
-    """Sum and count of a metric, weighted by batch size."""
-
-    def __init__(self) -> None:
-        self.sum, self.count = 0.0, 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += value * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(self.count, 1)
-
-
-def correct_topk(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1,)) -> list[int]:
-    """Number of samples whose target is among the top-k predictions, for each k."""
+def correct_topk(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1,)) -> list[torch.Tensor]:
+    """Number of samples whose target is among the top-k predictions, for each k (tensors on the
+    output's device, so that counting forces no device synchronization)."""
     maxk = min(max(ks), output.shape[1])
     pred = output.topk(maxk, 1).indices
     hit = pred.eq(target.unsqueeze(1))
-    return [int(hit[:, :min(k, maxk)].any(1).sum()) for k in ks]
+    return [hit[:, :min(k, maxk)].any(1).sum() for k in ks]

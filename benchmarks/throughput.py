@@ -1,0 +1,172 @@
+"""Throughput suite: cost model, PruningNet training, candidate scoring — CPU always, CUDA when present.
+
+Run: ``.venv/bin/python benchmarks/throughput.py [--quick] [--device cpu|cuda] [--out benchmarks/results]``.
+Writes ``throughput_{device}.json`` and prints a Markdown table. Synthetic tensors stand in for
+images (the data pipeline is not what is measured); every number is the median of repeated runs.
+
+- cost model: genes costed per second, one core (target ≥ 20,000 for ResNet50);
+- PruningNet training: images/s of full steps (gene draw, weight generation, forward, backward, SGD);
+- candidate scoring: candidates per minute (materialize, BN recalibration on a fixed set, top-1 on a
+  fixed evaluation set) and the share of that time spent outside the PrunedNet forward passes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models import create_model, get_family, recalibrate_bn  # noqa: E402
+from models.cost import cost_model  # noqa: E402
+from utils.engine import evaluate, gene_for_step  # noqa: E402
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return platform.processor() or platform.machine()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cost_rate(arch: str, n: int = 20000) -> float:
+    layout, model, rng = get_family(arch).layout, cost_model(arch), random.Random(0)
+    genes = [layout.sample(rng) for _ in range(n)]
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for g in genes:
+            model(g)
+        best = min(best, time.perf_counter() - t)
+    return n / best
+
+
+def train_rate(arch: str, device: torch.device, size: int, batch: int, width: float, steps: int,
+               amp: str | None = None, channels_last: bool = False) -> float:
+    """Images/s of PruningNet training steps, each with a fresh gene."""
+    torch.manual_seed(0)
+    net = create_model(f"{arch}_pruningnet", num_classes=1000, width_mult=width, small_input=False).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    times = []
+    for step in range(steps + 2):  # two warmup steps
+        sync(device)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x, gene_for_step(net.spec.layout, 0, step)).float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times[2:])
+
+
+def scoring_rate(arch: str, device: torch.device, size: int, batch: int, recal: int, evals: int,
+                 candidates: int) -> tuple[float, float]:
+    """Candidates/min of materialize + recalibrate + evaluate, and the share of time outside forwards."""
+    torch.manual_seed(0)
+    net = create_model(f"{arch}_pruningnet", num_classes=1000, small_input=False).to(device).eval()
+    recal_set = [torch.randn(batch, 3, size, size, device=device) for _ in range(recal)]
+    eval_set = [(torch.randn(batch, 3, size, size, device=device), torch.randint(0, 1000, (batch,), device=device))
+                for _ in range(evals)]
+    forward, began = 0.0, [0.0]
+
+    def timed(module):
+        """Count the wall time of every whole-network forward pass."""
+        def pre(*_):
+            sync(device)
+            began[0] = time.perf_counter()
+
+        def post(*_):
+            nonlocal forward
+            sync(device)
+            forward += time.perf_counter() - began[0]
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+        return module
+
+    rng = random.Random(0)
+    genes = [net.spec.layout.sample(rng) for _ in range(candidates + 1)]
+    with torch.no_grad():
+        pruned = timed(net.materialize(genes[0]))  # warmup
+        recalibrate_bn(pruned, recal_set)
+        evaluate(pruned, eval_set, device)
+    forward = 0.0
+    sync(device)
+    start = time.perf_counter()
+    for g in genes[1:]:
+        with torch.no_grad():
+            pruned = timed(net.materialize(g))
+            recalibrate_bn(pruned, recal_set)
+        evaluate(pruned, eval_set, device)
+    sync(device)
+    total = time.perf_counter() - start
+    return candidates / total * 60, 1 - forward / total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    steps = 2 if args.quick else 5
+    rows = []
+    torch.set_num_threads(1)
+    for arch in ("resnet50", "mobilenetv2"):
+        rows.append({"what": "cost model", "arch": arch, "setting": "224px, 1 core", "value": round(cost_rate(arch)),
+                     "unit": "genes/s"})
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # training and scoring use every core
+    cpu = device.type == "cpu"
+    for arch in ("resnet50", "mobilenetv2"):
+        settings = [(64, 16, None, False)] if cpu else [(224, 64, None, False), (224, 64, "bf16", False),
+                                                        (224, 64, "bf16", True)]
+        for size, batch, amp, cl in settings:
+            rate = train_rate(arch, device, size, batch, 1.0, steps, amp, cl)
+            rows.append({"what": "PruningNet training", "arch": arch,
+                         "setting": f"full width, {size}px, batch {batch}" + (f", {amp}" if amp else "")
+                         + (", channels_last" if cl else ""), "value": round(rate, 1), "unit": "img/s"})
+        size, batch = (64, 16) if cpu else (224, 100)
+        rate, outside = scoring_rate(arch, device, size, batch, recal=4 if cpu else 20, evals=16 if cpu else 50,
+                                     candidates=3 if args.quick else 6)
+        rows.append({"what": "candidate scoring", "arch": arch,
+                     "setting": f"full width, {size}px, recal {4 if cpu else 20}x{batch}, eval {(16 if cpu else 50) * batch}",
+                     "value": round(rate, 2), "unit": "candidates/min", "outside_forward": round(outside, 4)})
+    result = {"device": device_name(device), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"throughput_{device.type}.json").write_text(json.dumps(result, indent=1))
+    print(f"device: {result['device']}, torch {torch.__version__}")
+    print("| measure | arch | setting | value | outside forward |\n|---|---|---|---|---|")
+    for r in rows:
+        share = f"{100 * r['outside_forward']:.1f}%" if "outside_forward" in r else ""
+        print(f"| {r['what']} | {r['arch']} | {r['setting']} | {r['value']:,} {r['unit']} | {share} |")
+
+
+if __name__ == "__main__":
+    main()

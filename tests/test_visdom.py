@@ -1,0 +1,308 @@
+"""--visdom against a real visdom server: training and search dashboards, resume, no/dead/hung server, replay."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import visdom
+
+from data.synthetic import make_image_folder
+from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl
+from models import get_family
+from models.cost import cost_model
+from utils import plot
+from utils.visdom_sink import Dashboard, VisdomSink, merged
+
+CKPT = "checkpoints/meta_prune"
+PRUNINGNET = "imagenet_mobilenetv2_pruningnet"
+# The stock client, used here to read the server back, warns through a deprecated logging call.
+pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def visdom_server(env_dir: Path):
+    """A real visdom server on a free loopback port, stopped on exit. Started through run_server.main:
+    ``python -m visdom.server`` first downloads the page's JavaScript, which fails offline."""
+    port = free_port()
+    env_dir.mkdir(parents=True, exist_ok=True)
+    with open(env_dir / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from visdom.server.run_server import main; main()",
+                                 "-port", str(port), "-bind_local", "-env_path", f"{env_dir}/",
+                                 "-logging_level", "WARNING"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.post(f"http://127.0.0.1:{port}/env_state", data="{}", timeout=1).raise_for_status()
+                break
+            except requests.RequestException:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"visdom server did not start: {(env_dir / 'server.log').read_text()}")
+                time.sleep(0.2)
+        yield port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with visdom_server(tmp_path_factory.mktemp("visdom_server")) as (port, _):
+        yield port
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return visdom.Visdom(port=server, use_incoming_socket=False, raise_exceptions=True)
+
+
+def windows(client: visdom.Visdom, env: str) -> dict[str, dict]:
+    """Every window of ``env`` (none while the server has not opened it: it then answers empty)."""
+    return json.loads(client.get_window_data(env=env) or "{}")
+
+
+def traces(window: dict) -> dict[str, dict]:
+    return {t["name"]: t for t in window["content"]["data"]}
+
+
+def logged_points(replay_log: list) -> dict[tuple[str, str], list]:
+    """The x values visdom's log holds per (window, trace) (a replace starts the trace over)."""
+    points: dict[tuple[str, str], list] = {}
+    for endpoint, msg in replay_log:
+        if endpoint == "update":
+            key = (msg["win"], msg["name"])
+            points[key] = (points.get(key, []) if msg["append"] else []) + msg["data"][0]["x"]
+    return points
+
+
+def visdom_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("visdom:")]
+
+
+@pytest.fixture(scope="module")
+def pruningnet(tmp_path_factory, server):
+    """A tiny MobileNetV2 PruningNet trained for one epoch (two steps of 8 images) while plotting to the server."""
+    work = tmp_path_factory.mktemp("visdom_runs")
+    make_image_folder(work / "img", num_classes=3, train_per_class=10, val_per_class=2, size=24)
+    r = invoke("meta_trainer_exp.py", "--arch", "mobilenetv2_pruningnet", "--epochs", "1", *TINY_TRAIN,
+               "--visdom", "--vis-port", str(server), "--vis-interval", "1", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert visdom_lines(r.stderr) == []
+    return work
+
+
+def test_training_dashboard(pruningnet, client):
+    rows = read_jsonl(pruningnet / "logs" / f"{PRUNINGNET}.jsonl")
+    steps = [r for r in rows if r["kind"] == "step"]
+    (epoch,) = [r for r in rows if r["kind"] == "epoch"]
+    wins = windows(client, PRUNINGNET)
+    assert set(wins) == {f"{PRUNINGNET}:{p}" for p in ("loss", "top1", "lr", "img_s")}
+    legend = PRUNINGNET  # the default legend: the run's name
+    loss, top1 = traces(wins[f"{PRUNINGNET}:loss"]), traces(wins[f"{PRUNINGNET}:top1"])
+    assert set(loss) == {f"{legend} train"}  # a PruningNet's validation reports top-1 only
+    assert loss[f"{legend} train"]["x"] == [r["step"] for r in steps] and len(steps) == 2
+    assert loss[f"{legend} train"]["y"] == [r["loss"] for r in steps]
+    assert set(top1) == {f"{legend} {s}" for s in ("train", "val", "val widest", "val middle", "val narrowest")}
+    assert top1[f"{legend} val middle"]["x"] == [steps[-1]["step"]]  # epoch points at the epoch's last step
+    assert top1[f"{legend} val middle"]["y"] == [epoch["val_top1_middle"]]
+    assert traces(wins[f"{PRUNINGNET}:lr"])[legend]["y"] == [r["lr"] for r in steps]
+    assert wins[f"{PRUNINGNET}:loss"]["content"]["layout"]["xaxis"]["title"] == "step"
+    replay_log = [json.loads(line) for line in (pruningnet / "logs" / f"{PRUNINGNET}.visdom").read_text().splitlines()]
+    assert {endpoint for endpoint, _ in replay_log} == {"update"}
+    assert logged_points(replay_log)[(f"{PRUNINGNET}:lr", legend)] == [r["step"] for r in steps]
+
+
+def test_search_dashboard(pruningnet, client):
+    full = cost_model("mobilenetv2", 24, 3, 0.125, True)(get_family("mobilenetv2").layout.full()).macs
+    flops = round(full * 0.5 / 1e6, 3)
+    r = invoke("meta_search_exp.py", "--arch", "mobilenetv2_pruningnet", "--resume",
+               f"{CKPT}/{PRUNINGNET}_checkpoint.pth.tar", *TINY_DATA, "--population", "4", "--select-num", "2",
+               "--mutation-num", "1", "--crossover-num", "1", "--recal-batches", "1", "--epochs", "2",
+               "--flops", str(flops), "--visdom", "--vis-port", str(client.port), cwd=pruningnet)
+    assert r.returncode == 0, r.stderr
+    name = f"MetaPruneSearch_mobilenetv2_pruningnet_flops{flops}"
+    rows = [row for row in read_jsonl(pruningnet / "logs" / f"{name}.jsonl") if row["kind"] == "search"]
+    cands = [(c, row["iteration"]) for row in rows for c in row["candidates"]]
+    assert len(rows) == 2 and len(cands) == rows[-1]["scored"]
+    wins = windows(client, PRUNINGNET)  # the PruningNet's env: one dashboard per pipeline
+    (scatter,) = wins[f"{PRUNINGNET}:{name}:candidates"]["content"]["data"]
+    assert scatter["x"] == [c["macs"] / 1e6 for c, _ in cands]
+    assert scatter["y"] == [100 - c["error"] for c, _ in cands]
+    assert scatter["marker"]["color"] == [it for _, it in cands]  # colored by iteration
+    assert max(scatter["x"]) <= flops
+    (shape,) = wins[f"{PRUNINGNET}:{name}:candidates"]["content"]["layout"]["shapes"]
+    assert shape["x0"] == shape["x1"] == rows[-1]["budget_macs"] / 1e6
+    (best,) = wins[f"{PRUNINGNET}:{name}:best"]["content"]["data"]
+    assert best["x"] == [1, 2] and best["y"] == [100 - row["best_error"] for row in rows]
+    assert best["y"][1] >= best["y"][0]
+    text = wins[f"{PRUNINGNET}:{name}:gene"]["content"]
+    assert json.dumps(rows[-1]["best_gene"]) in text and "last_conv" in text and "iteration 2" in text
+    assert f"{PRUNINGNET}:loss" in wins  # the training panes are still there
+    # The same log renders offline.
+    (png,) = plot.render(pruningnet / "logs" / f"{name}.jsonl", pruningnet / "plots")
+    assert png.name == f"{name}_search.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def images(tmp_path):
+    make_image_folder(tmp_path / "img", num_classes=3, train_per_class=8, val_per_class=2, size=24)
+    return tmp_path
+
+
+def train_prunednet(work: Path, port: int, *args: str):
+    r = invoke("trainer_exp.py", "--arch", "mobilenetv2_prunednet", "--valuate", *TINY_DATA, "--visdom",
+               "--vis-port", str(port), "--vis-interval", "1", *args, cwd=work)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_resumed_run_appends_to_its_windows(images, client):
+    env, legend = "resume_test", "run"
+    train_prunednet(images, client.port, "--epochs", "1", "--vis-env", env, "--vis-legend", legend)
+    before = windows(client, env)
+    first = traces(before[f"{env}:loss"])
+    assert set(first) == {"run train", "run val"} and len(first["run val"]["x"]) == 1
+    train_prunednet(images, client.port, "--epochs", "2", "--vis-env", env, "--vis-legend", legend,
+                    "--resume", f"{CKPT}/imagenet_mobilenetv2_prunednet_checkpoint.pth.tar")
+    after = windows(client, env)
+    assert set(after) == set(before)
+    for pane in ("loss", "top1", "lr", "img_s"):
+        old, new = traces(before[f"{env}:{pane}"]), traces(after[f"{env}:{pane}"])
+        assert after[f"{env}:{pane}"]["contentID"] != before[f"{env}:{pane}"]["contentID"]
+        for trace_name, trace in old.items():  # the first run's points are kept, the resumed run's follow
+            n = len(trace["x"])
+            assert new[trace_name]["x"][:n] == trace["x"] and new[trace_name]["y"][:n] == trace["y"]
+            assert len(new[trace_name]["x"]) == 2 * n
+    rows = read_jsonl(images / "logs" / "imagenet_mobilenetv2_prunednet.jsonl")
+    steps = [r["step"] for r in rows if r["kind"] == "step"]
+    assert traces(after[f"{env}:loss"])["run train"]["x"] == steps == sorted(steps)
+
+
+def test_no_server_warns_once_and_the_log_replays(images, client):
+    port = free_port()  # nothing listens there
+    start = time.perf_counter()
+    r = train_prunednet(images, port, "--epochs", "2", "--vis-env", "replayed")
+    elapsed = time.perf_counter() - start
+    (warning,) = visdom_lines(r.stderr)
+    assert f"no server at http://127.0.0.1:{port}" in warning and "--replay" in warning and "Traceback" not in r.stderr
+    rows = read_jsonl(images / "logs" / "imagenet_mobilenetv2_prunednet.jsonl")
+    steps = [row for row in rows if row["kind"] == "step"]
+    assert [row["epoch"] for row in rows if row["kind"] == "epoch"] == [1, 2]
+    log = images / "logs" / "imagenet_mobilenetv2_prunednet.visdom"
+    assert plot.main(["--replay", str(log), "--vis-port", str(client.port)]) == []
+    wins = windows(client, "replayed")
+    loss = traces(wins["replayed:loss"])
+    assert loss["imagenet_mobilenetv2_prunednet train"]["x"] == [row["step"] for row in steps]
+    val_losses = [row["val_loss"] for row in rows if row["kind"] == "epoch"]
+    assert loss["imagenet_mobilenetv2_prunednet val"]["y"] == val_losses
+    assert elapsed < 120  # no retries or waits per step: the whole run is a few seconds on an idle machine
+
+
+def step_row(epoch: int, step: int) -> dict:
+    return {"kind": "step", "epoch": epoch, "step": step, "loss": 1.0 / step, "top1": 50.0, "lr": 0.1, "img_s": 9.0}
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_fresh_run_clears_only_its_own_traces(client, tmp_path):
+    env = "fresh_test"
+
+    def run(legend: str, rows: list[dict]) -> None:
+        sink = VisdomSink(Dashboard(env, legend, legend, interval=1), "http://127.0.0.1", client.port,
+                          tmp_path / f"{legend}.visdom")
+        for row in rows:
+            sink.record(row)
+        sink.close()
+        assert sink.warnings == [] and not sink._thread.is_alive()
+
+    def loss_x() -> dict[str, list]:
+        return {name: t["x"] for name, t in traces(windows(client, env)[f"{env}:loss"]).items()}
+
+    run("a", [step_row(0, s) for s in range(1, 6)])
+    run("b", [step_row(0, s) for s in range(1, 4)])
+    assert loss_x() == {"a train": [1, 2, 3, 4, 5], "b train": [1, 2, 3]}
+    run("a", [step_row(0, s) for s in (1, 2)])  # a from scratch again: its old points go
+    assert loss_x() == {"a train": [1, 2], "b train": [1, 2, 3]}
+    run("a", [step_row(1, s) for s in (3, 4)])  # resumed at epoch 1: appended
+    assert loss_x() == {"a train": [1, 2, 3, 4], "b train": [1, 2, 3]}
+
+
+def test_server_dying_mid_run_warns_once_and_never_blocks(tmp_path, capsys):
+    with visdom_server(tmp_path / "server") as (port, proc):
+        sink = VisdomSink(Dashboard("dying", "run", "run", interval=1), "http://127.0.0.1", port,
+                          tmp_path / "run.visdom", request_timeout=1.0, close_timeout=2.0)
+        reader = visdom.Visdom(port=port, use_incoming_socket=False, raise_exceptions=True)
+        for s in range(1, 4):
+            sink.record(step_row(0, s))
+        wait_for(lambda: "dying:img_s" in windows(reader, "dying")
+                 and len(traces(windows(reader, "dying")["dying:img_s"])["run"]["x"]) == 3)
+        proc.terminate()
+        proc.wait(10)
+        costs = []
+        for s in range(4, 504):
+            start = time.perf_counter()
+            sink.record(step_row(0, s))
+            costs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        sink.close()
+        assert time.perf_counter() - start < 2.0 + 2 * 1.0 + 1.0
+    assert not sink._thread.is_alive() and sink.dropped == 0
+    assert sorted(costs)[len(costs) // 2] < 0.001 and sum(costs) < 0.5  # a queue put, never a request
+    (warning,) = sink.warnings
+    assert warning.startswith("lost the server") and capsys.readouterr().err.count("visdom:") == 1
+    # Every plot went to visdom's log all the same.
+    replay_log = [json.loads(line) for line in (tmp_path / "run.visdom").read_text().splitlines()]
+    series = (("loss", "run train"), ("top1", "run train"), ("lr", "run"), ("img_s", "run"))
+    assert logged_points(replay_log) == {(f"dying:{pane}", name): list(range(1, 504)) for pane, name in series}
+
+
+def test_hung_server_never_blocks(tmp_path):
+    with socket.socket() as hung:  # accepts connections, never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)
+        sink = VisdomSink(Dashboard("hung", "run", "run", interval=1), "http://127.0.0.1", hung.getsockname()[1],
+                          tmp_path / "run.visdom", request_timeout=0.5, close_timeout=1.0)
+        start = time.perf_counter()
+        for s in range(1, 201):
+            sink.record(step_row(0, s))
+        recorded = time.perf_counter() - start
+        sink.close()
+        closed = time.perf_counter() - start
+    assert recorded < 1.0 and closed < 0.5 + 1.0 + 2 * 0.5 + 1.0  # blocking calls would take 0.5 s each
+    assert not sink._thread.is_alive()
+    (warning,) = sink.warnings
+    assert "no answer in time" in warning
+
+
+def test_rows_that_queued_up_go_in_one_request_per_trace():
+    fresh = Dashboard("env", "run", "run", interval=1)
+    messages = merged([m for s in (1, 2, 3) for m in fresh.updates(step_row(0, s))])
+    loss = [msg for _, msg in messages if msg["win"] == "env:loss"]
+    assert [(msg["append"], msg["data"][0]["x"]) for msg in loss] == [(True, []), (False, [1, 2, 3])]  # clear, set
+    assert len(messages) == 2 * 4
+    resumed = Dashboard("env", "run", "run", interval=1)
+    messages = merged([m for s in (4, 5) for m in resumed.updates(step_row(1, s))])
+    assert [(msg["append"], msg["data"][0]["x"]) for _, msg in messages] == [(True, [4, 5])] * 4
+    assert all(msg["layout"]["xaxis"]["title"] == "step" for _, msg in messages)  # the first carries the layout
