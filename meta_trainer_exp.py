@@ -19,12 +19,10 @@ from models import Gene, GeneLayout, create_model, get_family, is_pruningnet
 from models.cost import cost_model
 from search.evaluator import CandidateEvaluator
 from utils import checkpoint
-from utils.config import (CHECKPOINT_DIR, Parser, UserError, add_common_args, add_training_args, dump, gene_literal,
-                          log_path, parse_args, run_script)
-from utils.distributed import Dist, cleanup, setup
-from utils.engine import Trainer, evaluate
-from utils.logger import RunLogger
-from utils.visdom_sink import make_sink
+from utils.config import (Parser, UserError, add_common_args, add_training_args, dump, gene_literal,
+                          parse_args, run_script)
+from utils.distributed import Dist, setup
+from utils.engine import evaluate, run_training
 
 MIDDLE_ID = 15
 
@@ -87,11 +85,13 @@ def _search_state(args: argparse.Namespace) -> dict:
 def resolve_gene(args: argparse.Namespace) -> tuple[Gene, str | None]:
     """The PrunedNet's gene and, with ``--search-resume``, the PruningNet checkpoint that search used."""
     if not args.search_resume:
-        return (_parse_gene(args.arch, args.gene) if args.gene is not None else get_family(args.arch).layout.full()), None
+        layout = get_family(args.arch).layout
+        return (_parse_gene(args.arch, args.gene) if args.gene is not None else layout.full()), None
     state = _search_state(args)
     n, candidates = args.candidate or 0, state["candidates"]
     if n >= len(candidates):
-        raise UserError(f"--candidate {n}: the search checkpoint holds {len(candidates)} candidates (0..{len(candidates) - 1})")
+        raise UserError(f"--candidate {n}: the search checkpoint holds {len(candidates)} candidates "
+                        f"(0..{len(candidates) - 1})")
     return _parse_gene(args.arch, candidates[n]), state.get("pruningnet")
 
 
@@ -99,7 +99,8 @@ def inherit_weights(model: torch.nn.Module, gene: Gene, path: str) -> None:
     """Load the PruningNet checkpoint ``path`` and copy its materialized PrunedNet into ``model``."""
     state = checkpoint.load(path, checkpoint.MODEL, "--inherit")
     if not is_pruningnet(state["arch"]) or get_family(state["arch"]).layout != model.spec.layout:
-        raise UserError(f"--inherit {path}: holds {state['arch']}, not a PruningNet of the {model.spec.layout.family} family")
+        raise UserError(f"--inherit {path}: holds {state['arch']}, not a PruningNet of the "
+                        f"{model.spec.layout.family} family")
     net = checkpoint.build_model(state)
     if net.spec != model.spec or net.num_classes != model.num_classes:
         raise UserError(f"--inherit {path}: the PruningNet was built with {state['model_args']}; "
@@ -157,23 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     build = build_pruningnet if pruning else build_prunednet
     model, record, validate, layout, summary = build(args, data, device, dist_info, model_args)
-    loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, dist_info.rank,
-                         dist_info.world_size, pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
-    path = log_path(args)
-    checkpoint.check_writable(CHECKPOINT_DIR, path.parent)
-    logger = RunLogger(path, enabled=dist_info.main, sink=make_sink(args, path.stem, path) if dist_info.main else None)
-    logger.info(f"config {dump(args)}")
-    logger.info(summary)
-    try:
-        metrics = Trainer(args, model, record, loader, device, logger, validate, layout, dist_info).fit()
-        logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    finally:
-        logger.close()
-    del model
-    cleanup()
-    return metrics
+    return run_training(args, model, record, data.train, device, dist_info, validate, summary, layout)
 
 
 if __name__ == "__main__":

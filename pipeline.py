@@ -4,8 +4,8 @@
 network's MACs); 3. retrain that PrunedNet from scratch, and with the same recipe the widest
 uniformly-scaled network of no more MACs; 4. print a results table (top-1, MACs, params, wall
 time) and write plots. Each stage runs the project's own entry script, in a run folder
-(``runs/{dataset}_{arch}_seed{seed}`` under the current directory), so every checkpoint and log it
-writes can be inspected, resumed, or plotted like those of a hand-run command.
+(``runs/fashionmnist_{arch}_seed{seed}`` under the current directory), so every checkpoint and log
+it writes can be inspected, resumed, or plotted like those of a hand-run command.
 
 ``--quick`` runs the same stages with far fewer steps (a smoke run of about two minutes).
 """
@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -28,26 +29,31 @@ from models import Gene, GeneLayout, get_family  # noqa: E402
 from models.cost import CostModel, cost_model  # noqa: E402
 from utils import checkpoint  # noqa: E402
 from utils.config import CHECKPOINT_DIR, Parser, UserError, run_script  # noqa: E402
-
-# Stage settings: (full run, --quick run). Width 0.25 and the ImageNet stem keep a 2-core CPU
-# step fast enough for a whole pipeline in minutes; see README "Results" for what they give.
-FULL = {"width": "0.25", "pruning_epochs": "4", "retrain_epochs": "3", "steps": "0", "population": "16",
-        "select": "4", "mutation": "6", "crossover": "6", "iterations": "5", "val_per_class": "200",
-        "recal": "4", "batch": "256"}
-QUICK = {"width": "0.125", "pruning_epochs": "1", "retrain_epochs": "1", "steps": "12", "population": "6",
-         "select": "2", "mutation": "2", "crossover": "2", "iterations": "2", "val_per_class": "20",
-         "recal": "2", "batch": "128"}
+from utils.plot import main as plot_main  # noqa: E402
 
 
-def get_args_parser() -> Parser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.flag("--arch", default="resnet50", choices=("resnet50", "mobilenetv2"))
-    p.flag("--budget", type=float, default=0.25, help="MACs budget as a fraction of the full network's")
-    p.flag("--seed", type=int, default=0)
-    p.flag("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)")
-    p.flag("--quick", action="store_true", help="a smoke run of the same stages in about two minutes")
-    p.flag("--out", default=None, help="run folder (default runs/fashionmnist_{arch}_seed{seed})")
-    return p
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes of one pipeline run. Width 0.25 and the ImageNet stem keep a 2-core CPU step fast
+    enough for the whole pipeline in minutes (see README "Results" for what they give)."""
+
+    width: float = 0.25
+    batch: int = 256
+    pruning_epochs: int = 4
+    retrain_epochs: int = 3
+    steps_per_epoch: int = 0       # 0: whole epochs
+    population: int = 16
+    select: int = 4
+    mutation: int = 6
+    crossover: int = 6
+    iterations: int = 5
+    val_per_class: int = 200       # sub-validation images per class that score candidates
+    recal_batches: int = 4
+
+
+FULL = Recipe()
+QUICK = Recipe(width=0.125, batch=128, pruning_epochs=1, retrain_epochs=1, steps_per_epoch=12, population=6,
+               select=2, mutation=2, crossover=2, iterations=2, val_per_class=20, recal_batches=2)
 
 
 @contextmanager
@@ -62,6 +68,63 @@ def inside(folder: Path):
         os.chdir(old)
 
 
+class Pipeline:
+    """The stages of one (arch, seed) run in ``run_dir``; each returns what its script returns."""
+
+    def __init__(self, arch: str, seed: int, recipe: Recipe, run_dir: Path, data_root: str | None = None) -> None:
+        self.arch, self.seed, self.r, self.run_dir = arch, seed, recipe, run_dir
+        self.layout = get_family(arch).layout
+        self.costs = cost_model(arch, 32, 10, recipe.width, False)
+        self.data = ["--dataset", "fashionmnist", "--width-mult", str(recipe.width), "--no-small-input",
+                     "--batch-size", str(recipe.batch), "--workers", "0", "--seed", str(seed),
+                     "--val-per-class", str(recipe.val_per_class)]
+        self.data += ["--data-root", str(Path(data_root).resolve())] if data_root else []
+        self.train = ["--lr", "0.1", "--warmup-epochs", "1", "--steps-per-epoch", str(recipe.steps_per_epoch),
+                      "--vis-interval", "10", "--valuate"]
+        self.times: dict[str, float] = {}
+
+    def _stage(self, name: str, fn, argv: list[str]):
+        print(f"\n=== {name}: {' '.join(argv)}", flush=True)
+        start = time.perf_counter()
+        with inside(self.run_dir):
+            out = fn(argv)
+        self.times[name] = time.perf_counter() - start
+        return out
+
+    @property
+    def pruningnet(self) -> str:
+        return f"{CHECKPOINT_DIR}/fashionmnist_{self.arch}_pruningnet_best.pth.tar"
+
+    def budget_mmac(self, fraction: float) -> float:
+        return round(self.costs(self.layout.full()).macs * fraction / 1e6, 3)
+
+    def train_pruningnet(self) -> dict[str, float]:
+        return self._stage("PruningNet", meta_trainer_exp.main, [
+            "--arch", f"{self.arch}_pruningnet", *self.data, *self.train, "--epochs", str(self.r.pruning_epochs),
+            "--recal-batches", str(self.r.recal_batches)])
+
+    def search(self, budget_mmac: float) -> list:
+        """Candidates (README form, best first) of a search under ``budget_mmac``."""
+        r = self.r
+        return self._stage(f"search {budget_mmac}", meta_search_exp.main, [
+            "--arch", f"{self.arch}_pruningnet", "--resume", self.pruningnet, *self.data, "--flops", str(budget_mmac),
+            "--population", str(r.population), "--select-num", str(r.select), "--mutation-num", str(r.mutation),
+            "--crossover-num", str(r.crossover), "--epochs", str(r.iterations), "--recal-batches",
+            str(r.recal_batches)])
+
+    def retrain(self, gene: Gene, suffix: str) -> dict[str, float]:
+        """Train the PrunedNet of ``gene`` from scratch; its final validation metrics."""
+        return self._stage(f"retrain{suffix}", meta_trainer_exp.main, [
+            "--arch", f"{self.arch}_prunednet", *self.data, *self.train, "--epochs", str(self.r.retrain_epochs),
+            "--gene", str(self.layout.format(gene)), "--suffix", suffix])
+
+    def row(self, name: str, gene: Gene, metrics: dict[str, float], stage: str) -> dict:
+        c = self.costs(gene)
+        return {"network": name, "gene": self.layout.format(gene), "top1": round(metrics["top1"], 2),
+                "mmac": round(c.macs / 1e6, 3), "mparams": round(c.params / 1e6, 4),
+                "retrain_s": round(self.times[stage], 1)}
+
+
 def uniform_gene(layout: GeneLayout, costs: CostModel, max_macs: int) -> Gene:
     """The widest gene with one id at every free position whose MACs stay within ``max_macs``."""
     for i in range(30, -1, -1):
@@ -71,62 +134,51 @@ def uniform_gene(layout: GeneLayout, costs: CostModel, max_macs: int) -> Gene:
     raise UserError(f"--budget is below the narrowest uniform network's {costs(layout.narrowest()).mmac:.2f} MMac")
 
 
+def compare(p: Pipeline, fraction: float) -> dict:
+    """Search under ``fraction`` of the full MACs, retrain the winner and the uniform network of no more MACs."""
+    budget = p.budget_mmac(fraction)
+    best = p.search(budget)
+    searched, uniform = p.layout.parse(best[0]), uniform_gene(p.layout, p.costs, int(budget * 1e6))
+    tag = f"{round(fraction * 100)}"
+    rows = [p.row("searched", searched, p.retrain(searched, f"_searched{tag}"), f"retrain_searched{tag}"),
+            p.row("uniform", uniform, p.retrain(uniform, f"_uniform{tag}"), f"retrain_uniform{tag}")]
+    return {"budget": fraction, "budget_mmac": budget, "search_s": round(p.times[f"search {budget}"], 1),
+            "search_best_error": best[0][-1], "results": rows}
+
+
+def get_args_parser() -> Parser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.flag("--arch", default="resnet50", choices=("resnet50", "mobilenetv2"))
+    p.flag("--budget", type=float, default=0.25, help="MACs budget as a fraction of the full network's")
+    p.flag("--seed", type=int, default=0)
+    p.flag("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)")
+    p.flag("--quick", action="store_true", help="a smoke run of the same stages in about two minutes")
+    p.flag("--out", default=None, help="run folder (default runs/fashionmnist_{arch}_seed{seed}[_quick])")
+    return p
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    s = QUICK if args.quick else FULL
+    if not 0 < args.budget <= 1:
+        raise UserError(f"--budget is a fraction of the full network's MACs in (0, 1], got {args.budget}")
     run_dir = Path(args.out or f"runs/fashionmnist_{args.arch}_seed{args.seed}{'_quick' if args.quick else ''}")
-    data = ["--dataset", "fashionmnist", "--width-mult", s["width"], "--no-small-input", "--batch-size", s["batch"],
-            "--workers", "0", "--seed", str(args.seed), "--val-per-class", s["val_per_class"]]
-    data += ["--data-root", str(Path(args.data_root).resolve())] if args.data_root else []
-    train = ["--lr", "0.1", "--warmup-epochs", "1", "--steps-per-epoch", s["steps"], "--vis-interval", "10"]
-    layout = get_family(args.arch).layout
-    costs = cost_model(args.arch, 32, 10, float(s["width"]), False)
-    full = costs(layout.full())
-    budget_mmac = round(full.macs * args.budget / 1e6, 3)
-    times, results = {}, []
-
-    def stage(name: str, fn, argv_: list[str]):
-        print(f"\n=== {name}: {' '.join(argv_)}", flush=True)
-        t = time.perf_counter()
-        with inside(run_dir):
-            out = fn(argv_)
-        times[name] = time.perf_counter() - t
-        return out
-
-    pruning = f"{CHECKPOINT_DIR}/fashionmnist_{args.arch}_pruningnet_best.pth.tar"
-    stage("PruningNet", meta_trainer_exp.main, ["--arch", f"{args.arch}_pruningnet", *data, *train,
-                                                "--epochs", s["pruning_epochs"], "--valuate",
-                                                "--recal-batches", s["recal"]])
-    best = stage("search", meta_search_exp.main, [
-        "--arch", f"{args.arch}_pruningnet", "--resume", pruning, *data, "--flops", str(budget_mmac),
-        "--population", s["population"], "--select-num", s["select"], "--mutation-num", s["mutation"],
-        "--crossover-num", s["crossover"], "--epochs", s["iterations"], "--recal-batches", s["recal"]])
-    search_ckpt = meta_search_exp.CHECKPOINT_DIR / f"MetaPruneSearch_{args.arch}_pruningnet_flops{budget_mmac}_checkpoint.pth.tar"
-    retrain = ["--arch", f"{args.arch}_prunednet", *data, *train, "--epochs", s["retrain_epochs"], "--valuate"]
-    searched = stage("retrain searched", meta_trainer_exp.main,
-                     [*retrain, "--search-resume", str(search_ckpt), "--candidate", "0", "--suffix", "_searched"])
-    uniform = uniform_gene(layout, costs, int(budget_mmac * 1e6))
-    baseline = stage("retrain uniform", meta_trainer_exp.main,
-                     [*retrain, "--gene", str(layout.format(uniform)), "--suffix", "_uniform"])
-
-    searched_gene = layout.parse(best[0])
-    for name, gene, metrics, key in (("searched", searched_gene, searched, "retrain searched"),
-                                     ("uniform", uniform, baseline, "retrain uniform")):
-        c = costs(gene)
-        results.append({"network": name, "gene": layout.format(gene), "top1": round(metrics["top1"], 2),
-                        "mmac": round(c.macs / 1e6, 3), "mparams": round(c.params / 1e6, 4),
-                        "retrain_s": round(times[key], 1)})
-    summary = {"arch": args.arch, "budget": args.budget, "budget_mmac": budget_mmac, "full_mmac": round(full.mmac, 3),
-               "seed": args.seed, "quick": args.quick, "pruningnet_s": round(times["PruningNet"], 1),
-               "search_s": round(times["search"], 1), "search_best_error": best[0][-1], "results": results}
+    p = Pipeline(args.arch, args.seed, QUICK if args.quick else FULL, run_dir, args.data_root)
+    p.train_pruningnet()
+    result = compare(p, args.budget)
+    summary = {"arch": args.arch, "seed": args.seed, "quick": args.quick, "recipe": asdict(p.r),
+               "full_mmac": round(p.costs(p.layout.full()).mmac, 3), "pruningnet_s": round(p.times["PruningNet"], 1),
+               **result}
     with inside(run_dir):
         checkpoint.save_text(json.dumps(summary, indent=1), Path("results.json"))
-    print(f"\nFashion-MNIST, {args.arch} x{s['width']}, budget {args.budget:.0%} of {full.mmac:.2f} MMac = "
-          f"{budget_mmac} MMac (PruningNet {times['PruningNet']:.0f} s, search {times['search']:.0f} s)")
-    print(f"| network | top-1 (%) | MMac | params (M) | retrain (s) |\n|---|---|---|---|---|")
-    for r in results:
+        plot_main([f"logs/fashionmnist_{args.arch}_pruningnet.jsonl",
+                   f"logs/MetaPruneSearch_{args.arch}_pruningnet_flops{result['budget_mmac']}.jsonl", "--out", "plots"])
+    print(f"\nFashion-MNIST, {args.arch} x{p.r.width}, budget {args.budget:.0%} of {summary['full_mmac']:.2f} MMac "
+          f"= {result['budget_mmac']} MMac (PruningNet {summary['pruningnet_s']:.0f} s, "
+          f"search {result['search_s']:.0f} s)")
+    print("| network | top-1 (%) | MMac | params (M) | retrain (s) |\n|---|---|---|---|---|")
+    for r in result["results"]:
         print(f"| {r['network']} | {r['top1']:.2f} | {r['mmac']:.2f} | {r['mparams']:.3f} | {r['retrain_s']:.0f} |")
-    print(f"results: {run_dir / 'results.json'}")
+    print(f"results: {run_dir / 'results.json'}, plots: {run_dir / 'plots'}")
     return summary
 
 

@@ -14,12 +14,9 @@ from data import get_data, make_loader
 from models import create_model, is_pruningnet
 from models.cost import cost_model
 from utils import checkpoint
-from utils.config import (CHECKPOINT_DIR, Parser, UserError, add_common_args, add_training_args, dump, log_path,
-                          parse_args, run_script)
-from utils.distributed import cleanup, setup
-from utils.engine import Trainer, evaluate
-from utils.logger import RunLogger
-from utils.visdom_sink import make_sink
+from utils.config import Parser, UserError, add_common_args, add_training_args, dump, parse_args, run_script
+from utils.distributed import setup
+from utils.engine import evaluate, run_training
 
 
 def get_args_parser() -> Parser:
@@ -45,28 +42,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     model = create_model(args.arch, **model_args).to(device)
     cost = cost_model(args.arch, args.input_size, data.num_classes, args.width_mult, args.small_input)(model.gene)
-    pin = device.type == "cuda"
-    loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, dist_info.rank,
-                         dist_info.world_size, pin_memory=pin)
-    if len(loader) == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
     val = make_loader(data.val, args.batch_size, False, args.workers, rank=dist_info.rank,
-                      world_size=dist_info.world_size, pin_memory=pin)
-    path = log_path(args)
-    checkpoint.check_writable(CHECKPOINT_DIR, path.parent)
-    logger = RunLogger(path, enabled=dist_info.main, sink=make_sink(args, path.stem, path) if dist_info.main else None)
-    logger.info(f"config {dump(args)}")
-    logger.info(f"{args.arch}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params")
+                      world_size=dist_info.world_size, pin_memory=device.type == "cuda")
     record = checkpoint.model_record(args.arch, None, **model_args)
     validate = lambda m: evaluate(m, val, device, args, reduce=dist_info.enabled)
-    try:
-        metrics = Trainer(args, model, record, loader, device, logger, validate, None, dist_info).fit()
-        logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    finally:
-        logger.close()
-    del model
-    cleanup()
-    return metrics
+    summary = f"{args.arch}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params"
+    return run_training(args, model, record, data.train, device, dist_info, validate, summary)
 
 
 if __name__ == "__main__":

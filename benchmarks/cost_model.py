@@ -33,10 +33,10 @@ def main() -> None:
     torch.set_num_threads(1)
     for arch in ("resnet50", "mobilenetv2"):
         layout, model, rng = get_family(arch).layout, cost_model(arch), random.Random(0)
-        genes = [tuple(30 if i in layout.fixed else rng.randrange(31) for i in range(len(layout))) for _ in range(20000)]
+        genes = [layout.sample(rng) for _ in range(20000)]
         arr = np.array(genes)
-        scalar = rate(lambda: [model(g) for g in genes], len(genes))
-        batch = rate(lambda: model.batch(arr), len(genes))
+        scalar = rate(lambda m=model, gs=genes: [m(g) for g in gs], len(genes))
+        batch = rate(lambda m=model, a=arr: m.batch(a), len(genes))
         print(json.dumps({"arch": arch, "input_size": 224, "genes_per_s": round(scalar),
                           "batch_genes_per_s": round(batch), "cpu": platform.processor() or platform.machine(),
                           "python": platform.python_version()}))

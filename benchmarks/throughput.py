@@ -155,7 +155,8 @@ def main() -> None:
         rate, outside = scoring_rate(arch, device, size, batch, recal=4 if cpu else 20, evals=16 if cpu else 50,
                                      candidates=3 if args.quick else 6)
         rows.append({"what": "candidate scoring", "arch": arch,
-                     "setting": f"full width, {size}px, recal {4 if cpu else 20}x{batch}, eval {(16 if cpu else 50) * batch}",
+                     "setting": f"full width, {size}px, recal {4 if cpu else 20}x{batch}, "
+                                f"eval {(16 if cpu else 50) * batch}",
                      "value": round(rate, 2), "unit": "candidates/min", "outside_forward": round(outside, 4)})
     result = {"device": device_name(device), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
     out = Path(args.out)

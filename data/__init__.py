@@ -81,7 +81,8 @@ class EpochSampler(Sampler[int]):
 
     def _shard(self) -> list[int]:
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
             order = order[: self.n - self.n % self.world]
         else:
             order = list(range(self.n))

@@ -4,5 +4,6 @@ from .gene import SCALES, Gene, GeneLayout
 from .layers import ArchSpec, PrunedNet, PruningNet, recalibrate_bn
 from .registry import create_model, get_family, is_pruningnet, list_models, small_input_for
 
-__all__ = ["SCALES", "Gene", "GeneLayout", "ArchSpec", "PrunedNet", "PruningNet", "recalibrate_bn", "create_model", "get_family",
+__all__ = ["SCALES", "Gene", "GeneLayout", "ArchSpec", "PrunedNet", "PruningNet", "recalibrate_bn", "create_model",
+           "get_family",
            "is_pruningnet", "list_models", "small_input_for"]

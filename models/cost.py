@@ -161,8 +161,10 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m models.cost", description="MACs and params of a gene's PrunedNet")
-    p.add_argument("--arch", required=True, help="resnet50 or mobilenetv2 (or an --arch name such as resnet50_prunednet)")
-    p.add_argument("--gene", required=True, help='the gene, e.g. "[20, 10, 16, 17, -1, ...]" (a trailing top-1 error is ignored)')
+    p.add_argument("--arch", required=True,
+                   help="resnet50 or mobilenetv2 (or an --arch name such as resnet50_prunednet)")
+    p.add_argument("--gene", required=True,
+                   help='the gene, e.g. "[20, 10, 16, 17, -1, ...]" (a trailing top-1 error is ignored)')
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--width-mult", type=float, default=1.0)
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         out["channels"] = table
         print(json.dumps(out))
         return 0
-    print(f"{out['arch']} gene {out['gene']} at {args.input_size}px, {args.num_classes} classes, width x{args.width_mult}")
+    print(f"{out['arch']} gene {out['gene']} at {args.input_size}px, {args.num_classes} classes, "
+          f"width x{args.width_mult}")
     print(f"MACs:   {cost.macs:,} ({out['mmac']:.2f} MMac, {out['gmac']:.2f} GMac)")
     print(f"params: {cost.params:,} ({out['mparams']:.2f} M)")
     if args.ptflops:

@@ -121,7 +121,8 @@ def _as_list(value: str | Sequence[object]) -> list[object]:
         try:
             value = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            raise ValueError(f"cannot read a gene from {value!r}; write it as a list such as \"[20, 10, -1]\"") from None
+            raise ValueError(
+                f"cannot read a gene from {value!r}; write it as a list such as \"[20, 10, -1]\"") from None
     if isinstance(value, (list, tuple)):
         return list(value)
     raise ValueError(f"a gene is a list of ids, got {value!r}")

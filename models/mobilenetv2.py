@@ -44,7 +44,7 @@ def build_spec(width_mult: float = 1.0, small_input: bool = False) -> ArchSpec:
 
     mid_bases, in_c = [], stem_c
     for t, c, n, _ in BOTTLENECKS:
-        for b in range(n):
+        for _ in range(n):
             mid_bases.append(scale(in_c * t))
             in_c = c
     bases = (scale(stem_c), *(scale(c) for _, c, _, _ in BOTTLENECKS), scale(last_c), *mid_bases)
@@ -55,7 +55,7 @@ def build_spec(width_mult: float = 1.0, small_input: bool = False) -> ArchSpec:
     if small_input:
         strides[strides.index(2)] = 1
     in_slot, in_c = 0, stem_c
-    for s, ((t, c, n, _), stride) in enumerate(zip(BOTTLENECKS, strides)):
+    for s, ((_, c, n, _), stride) in enumerate(zip(BOTTLENECKS, strides)):
         out_slot = 1 + s
         for b in range(n):
             name, st = f"stage{s + 1}.{b}", stride if b == 0 else 1
@@ -83,4 +83,5 @@ def mobilenetv2_pruningnet(num_classes: int = 1000, width_mult: float = 1.0, sma
 @register_model("mobilenetv2_prunednet")
 def mobilenetv2_prunednet(gene: object = None, num_classes: int = 1000, width_mult: float = 1.0,
                           small_input: bool = False) -> PrunedNet:
-    return PrunedNet(build_spec(width_mult, small_input), LAYOUT.full() if gene is None else LAYOUT.parse(gene), num_classes)
+    gene = LAYOUT.full() if gene is None else LAYOUT.parse(gene)
+    return PrunedNet(build_spec(width_mult, small_input), gene, num_classes)

@@ -45,7 +45,8 @@ def build_spec(width_mult: float = 1.0, small_input: bool = False) -> ArchSpec:
                 ConvSpec(f"{name}.conv2", mid_slot, mid_slot, 3, st, "relu", ratios, GEN_HIDDEN),
                 ConvSpec(f"{name}.conv3", mid_slot, out_slot, 1, 1, None, ratios, GEN_HIDDEN),
             )
-            shortcut = ConvSpec(f"{name}.shortcut", in_slot, out_slot, 1, st, None, ratios, GEN_HIDDEN) if b == 0 else None
+            shortcut = (ConvSpec(f"{name}.shortcut", in_slot, out_slot, 1, st, None, ratios, GEN_HIDDEN)
+                        if b == 0 else None)
             blocks.append(BlockSpec(name, convs, shortcut, identity=b > 0, act="relu"))
             in_slot, mid_slot = out_slot, mid_slot + 1
     return ArchSpec(LAYOUT, bases, tuple(blocks), classifier_slot=4)
@@ -62,4 +63,5 @@ def resnet50_pruningnet(num_classes: int = 1000, width_mult: float = 1.0, small_
 @register_model("resnet50_prunednet")
 def resnet50_prunednet(gene: object = None, num_classes: int = 1000, width_mult: float = 1.0,
                        small_input: bool = False) -> PrunedNet:
-    return PrunedNet(build_spec(width_mult, small_input), LAYOUT.full() if gene is None else LAYOUT.parse(gene), num_classes)
+    gene = LAYOUT.full() if gene is None else LAYOUT.parse(gene)
+    return PrunedNet(build_spec(width_mult, small_input), gene, num_classes)

@@ -43,7 +43,8 @@ class LatencyTable:
         total = self.fixed_ms
         for layer in self.layers:
             t = self.tables[layer["key"]]
-            cin = IMAGE_CHANNELS if layer["in_slot"] == IMAGE_SLOT else channels(bases[layer["in_slot"]], gene[layer["in_slot"]])
+            slot = layer["in_slot"]
+            cin = IMAGE_CHANNELS if slot == IMAGE_SLOT else channels(bases[slot], gene[slot])
             cout = channels(bases[layer["out_slot"]], gene[layer["out_slot"]])
             total += _bilinear(t["cin"], t["cout"], t["ms"], cin, cout)
         return total
@@ -130,7 +131,7 @@ def build(spec: ArchSpec, input_size: int, num_classes: int, device: torch.devic
                 module = _ConvBN(conv, [ch.get(i, 0) for i in range(len(spec.bases))]).to(device).eval()
                 x = torch.randn(batch_size, ch[conv.in_slot] if conv.in_slot != IMAGE_SLOT else IMAGE_CHANNELS,
                                 size, size, device=device)
-                row.append(time_ms(lambda: module(x), device, repeats))
+                row.append(time_ms(lambda m=module, inp=x: m(inp), device, repeats))
             ms.append(row)
         tables[key] = {"cin": cins, "cout": couts, "ms": ms}
     # pooling and classifier do not depend on the gene: timed once on the classifier's fixed input

@@ -5,7 +5,6 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT
 from data import get_data, make_loader
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, assert_one_line_error, dry_run, invoke

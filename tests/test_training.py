@@ -6,7 +6,7 @@ import torch
 
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl
-from models import create_model, get_family
+from models import get_family
 from utils import checkpoint
 
 CKPT = "checkpoints/meta_prune"

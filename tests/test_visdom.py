@@ -50,7 +50,7 @@ def visdom_server(env_dir: Path):
                 break
             except requests.RequestException:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"visdom server did not start: {(env_dir / 'server.log').read_text()}")
+                    raise RuntimeError(f"visdom server did not start: {(env_dir / 'server.log').read_text()}") from None
                 time.sleep(0.2)
         yield port, proc
     finally:

@@ -92,7 +92,8 @@ def load(path: str | Path, kind: str | None = None, flag: str = "checkpoint") ->
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"{flag} {path}: refused to load, the file holds pickled objects other than tensors and plain "
-                        f"values (possibly code); load only checkpoints you trust ({str(e).splitlines()[0][:120]})") from None
+                        f"values (possibly code); load only checkpoints you trust "
+                        f"({str(e).splitlines()[0][:120]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise UserError(f"{flag} {path}: truncated or corrupt file ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -50,7 +50,8 @@ def gene_literal(value: Any) -> list:
         try:
             value = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            raise argparse.ArgumentTypeError(f"cannot read a gene from {value!r}; write it as \"[20, 10, ...]\"") from None
+            raise argparse.ArgumentTypeError(
+                f"cannot read a gene from {value!r}; write it as \"[20, 10, ...]\"") from None
     if not isinstance(value, (list, tuple)):
         raise argparse.ArgumentTypeError(f"a gene is a list of ids, got {value!r}")
     return list(value)
@@ -81,11 +82,13 @@ def add_common_args(p: Parser, arch_default: str | None = None) -> None:
     p.flag("--batch-size", "-b", type=int, default=256)
     p.flag("--epochs", type=int, default=90)
     p.flag("--seed", type=int, default=0)
-    p.flag("--width-mult", type=float, default=1.0, help="multiplier on every base channel count (gene meaning unchanged)")
+    p.flag("--width-mult", type=float, default=1.0,
+           help="multiplier on every base channel count (gene meaning unchanged)")
     p.flag("--input-size", type=int, default=None, help="image side (default: 224 ImageNet, 32 Fashion-MNIST)")
     p.flag("--small-input", action=argparse.BooleanOptionalAction, default=None,
            help="3x3/1 stem without max-pool for small images (default: on for --input-size <= 32)")
-    p.flag("--val-per-class", type=int, default=50, help="images per class held out of train as the sub-validation split")
+    p.flag("--val-per-class", type=int, default=50,
+           help="images per class held out of train as the sub-validation split")
     p.flag("--json", default=None, help="experiment file: its keys override defaults, explicit flags override it")
     p.flag("--log-path", default=None, help="human-readable log (default logs/{dataset}_{arch}{suffix}.txt)")
     p.flag("--suffix", default="", help="appended to checkpoint and log names")
@@ -128,7 +131,8 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
         except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
             raise UserError(f"{key}: {e}") from None
     if not ok:
-        raise UserError(f"{key} must be {'a number' if kind is float else getattr(kind, '__name__', kind)}, got {value!r}")
+        expected = "a number" if kind is float else getattr(kind, "__name__", kind)
+        raise UserError(f"{key} must be {expected}, got {value!r}")
     if action.choices is not None and value not in action.choices:
         raise UserError(f"{key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     return value
@@ -158,7 +162,8 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
         for key, value in load_json(args.json).items():
             dest = key.replace("-", "_")
             if dest not in actions:
-                raise UserError(f"--json {args.json}: unknown key '{key}' (keys are the script's flag names, see --help)")
+                raise UserError(f"--json {args.json}: unknown key '{key}' "
+                                f"(keys are the script's flag names, see --help)")
             if dest not in explicit:
                 setattr(args, dest, _coerce(actions[dest], value, f"--json {args.json}"))
     if args.arch is None:

@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from models import Gene, GeneLayout
 
 from . import checkpoint
-from .config import CHECKPOINT_DIR, TrainingStopped, UserError, run_name
-from .distributed import Dist, all_gather, all_reduce_sum, barrier
+from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_name
+from .distributed import Dist, all_gather, all_reduce_sum, barrier, cleanup
 from .logger import RunLogger, progress
 from .meters import correct_topk
 
@@ -274,3 +274,31 @@ class Trainer:
         count = max(count, 1.0)
         return {"loss": loss_sum / count, "top1": 100 * hits / count, "lr": self.optimizer.param_groups[0]["lr"],
                 "time": elapsed, "img_s": seen * self.dist.world_size / max(elapsed, 1e-9)}
+
+
+def run_training(args: argparse.Namespace, model: nn.Module, record: dict, train_set, device: torch.device,
+                 dist_info: Dist, validate: Callable[[nn.Module], dict[str, float]], summary: str,
+                 layout: GeneLayout | None = None) -> dict[str, float]:
+    """What both training scripts do once model and data exist: the loader, the logger (rank 0),
+    the epoch loop, and leaving the process group."""
+    from data import make_loader
+
+    from .visdom_sink import make_sink
+
+    loader = make_loader(train_set, args.batch_size, True, args.workers, args.seed, dist_info.rank,
+                         dist_info.world_size, pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+    path = log_path(args)
+    checkpoint.check_writable(CHECKPOINT_DIR, path.parent)
+    logger = RunLogger(path, enabled=dist_info.main, sink=make_sink(args, path.stem, path) if dist_info.main else None)
+    logger.info(f"config {json.dumps(vars(args), sort_keys=True)}")
+    logger.info(summary)
+    try:
+        metrics = Trainer(args, model, record, loader, device, logger, validate, layout, dist_info).fit()
+        logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    finally:
+        logger.close()
+    del model
+    cleanup()
+    return metrics

@@ -37,6 +37,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines):
+                break  # a run killed while appending leaves a partial last line
             raise UserError(f"{path}:{n}: not a JSON line ({e})") from None
         if not isinstance(row, dict) or "kind" not in row:
             raise UserError(f"{path}:{n}: expected a RunLogger record with a 'kind', got {line[:60]!r}")

@@ -1,0 +1,62 @@
+"""Data-parallel scaling on the CPU: PruningNet training images/s with 1 process vs torchrun with 2.
+
+Run: ``.venv/bin/python benchmarks/ddp_scaling.py [--arch resnet50] [--width 0.25]``. Trains on a
+generated 32 px ImageFolder (10 classes) in a scratch folder, once as one process using every core,
+once as ``torchrun --nproc-per-node=2`` (gloo) with one thread per process, same global batch.
+Throughput is the epoch's images/s from the run's JSONL log. Writes
+``benchmarks/results/ddp_scaling_cpu.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from data.synthetic import make_image_folder  # noqa: E402
+
+
+def epoch_rate(log: Path) -> float:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "epoch"][-1]["img_s"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet50", choices=("resnet50", "mobilenetv2"))
+    p.add_argument("--width", default="0.25")
+    p.add_argument("--batch", type=int, default=64, help="global batch")
+    p.add_argument("--images", type=int, default=160, help="training images per class")
+    args = p.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_image_folder(work / "img", num_classes=10, train_per_class=args.images, val_per_class=2, size=32)
+        common = ["--arch", f"{args.arch}_pruningnet", "--dataset", "imagenet", "--data-root", "img",
+                  "--input-size", "32", "--no-small-input", "--width-mult", args.width, "--epochs", "1",
+                  "--workers", "0", "--val-per-class", "2"]
+        results = {}
+        for procs in (1, 2):
+            batch = str(args.batch // procs)
+            launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                            "--standalone", f"--nproc-per-node={procs}"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // procs))}
+            subprocess.run([*launcher, str(ROOT / "meta_trainer_exp.py"), *common, "--batch-size", batch,
+                            "--suffix", f"_p{procs}"], cwd=work, env=env, check=True, capture_output=True)
+            results[procs] = epoch_rate(work / "logs" / f"imagenet_{args.arch}_pruningnet_p{procs}.jsonl")
+    out = {"arch": args.arch, "width_mult": float(args.width), "input_size": 32, "global_batch": args.batch,
+           "cores": cores, "img_s": {f"{k} process{'es' if k > 1 else ''}": v for k, v in results.items()},
+           "speedup": round(results[2] / results[1], 3), "command": " ".join(sys.argv)}
+    path = ROOT / "benchmarks" / "results" / "ddp_scaling_cpu.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
