@@ -122,11 +122,20 @@ def test_a_real_training_log_renders(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_partial_last_line_of_a_killed_run_is_skipped(tmp_path):
+    log = write_jsonl(tmp_path / "killed.jsonl", [step(0, 1), step(0, 2)])
+    log.write_text(log.read_text() + '{"kind": "step", "epo')  # killed while appending: no newline
+    assert [r["step"] for r in plot.read_log(log)] == [1, 2]
+
+
 def test_errors_name_the_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "step", "epoch": 0, "step": 1}\nnot json\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):
         plot.main([str(bad)])
+    no_loss = write_jsonl(tmp_path / "no_loss.jsonl", [{"kind": "step", "epoch": 0, "step": 1}])
+    with pytest.raises(UserError, match=r"no_loss: step 1 has no loss, top1, lr, img_s"):
+        plot.main([str(no_loss)])
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"kind": "note"}])
     with pytest.raises(UserError, match=r"empty.jsonl: no step or search records"):
         plot.main([str(empty)])

@@ -29,16 +29,17 @@ VAL_SERIES = {"val_top1": "val", "val_top1_widest": "val widest", "val_top1_midd
 def read_log(path: Path) -> list[dict[str, Any]]:
     """The rows of a JSONL log; a line that is not a JSON object is an error naming it."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    lines = text.splitlines()
     rows = []
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            if n == len(lines):
-                break  # a run killed while appending leaves a partial last line
+            if n == len(lines) and not text.endswith("\n"):
+                break  # a run killed while appending leaves a partial last line, without its newline
             raise UserError(f"{path}:{n}: not a JSON line ({e})") from None
         if not isinstance(row, dict) or "kind" not in row:
             raise UserError(f"{path}:{n}: expected a RunLogger record with a 'kind', got {line[:60]!r}")
@@ -72,6 +73,10 @@ def training_figure(rows: list[dict[str, Any]], title: str) -> Figure:
     steps, epochs = latest(rows, "step", "step"), latest(rows, "epoch", "epoch")
     if not steps:
         raise UserError(f"{title}: no step records to plot")
+    for r in steps:
+        missing = [f for f in ("loss", "top1", "lr", "img_s") if f not in r]
+        if missing:
+            raise UserError(f"{title}: step {r['step']} has no {', '.join(missing)}; is this a RunLogger log?")
     epoch_end = {}  # the last step of every epoch: where its epoch-level points go
     for r in steps:
         epoch_end[r["epoch"] + 1] = r["step"]
