@@ -104,6 +104,7 @@ def add_common_args(p: Parser, arch_default: str | None = None) -> None:
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """Dests the user set on the command line (a copy of the parser with every default suppressed)."""
     quiet = copy.deepcopy(parser)
+    quiet._defaults.clear()  # set_defaults() values would otherwise look like given flags
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
     return set(vars(quiet.parse_args(argv)))
