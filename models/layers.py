@@ -159,7 +159,11 @@ class GeneratedConv(nn.Module):
         """The cropped conv weight ``(cout, cin, k, k)`` for the gene's ratio vector."""
         hidden = F.relu(self.fc1(ratios.index_select(0, self.gen_index)))
         cin = 1 if self.spec.depthwise else cin
-        w = torch.matmul(self.weight2[:cout, :cin], hidden) + self.bias2[:cout, :cin]
+        k2, h = self.weight2.shape[2:]
+        # The crop is a strided view; a batched matmul over output channels reads it in place,
+        # where a plain matmul would first copy it (3-4x slower, the memory traffic dominates).
+        w = torch.baddbmm(self.bias2[:cout, :cin].reshape(cout, cin * k2, 1),
+                          self.weight2[:cout, :cin].view(cout, cin * k2, h), hidden.view(1, h, 1).expand(cout, h, 1))
         return w.view(cout, cin, self.spec.kernel, self.spec.kernel)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, scale_id: int) -> torch.Tensor:
