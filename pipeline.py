@@ -96,7 +96,8 @@ class Pipeline:
         return f"{CHECKPOINT_DIR}/fashionmnist_{self.arch}_pruningnet_best.pth.tar"
 
     def budget_mmac(self, fraction: float) -> float:
-        return round(self.costs(self.layout.full()).macs * fraction / 1e6, 3)
+        """``fraction`` of the full network's MACs in MMac, to 4 significant digits (a readable file name)."""
+        return float(f"{self.costs(self.layout.full()).macs * fraction / 1e6:.4g}")
 
     def train_pruningnet(self) -> dict[str, float]:
         return self._stage("PruningNet", meta_trainer_exp.main, [

@@ -1,6 +1,5 @@
 """Data layer on real files: generated JPEG ImageFolders and IDX files written by the test."""
 import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from data import fashion_mnist, fixed_batches, get_data, make_loader
 from data.split import SPLIT_DIR
-from data.synthetic import make_image_folder
+from data.synthetic import make_fashion_mnist, make_image_folder
 from utils.config import UserError
 
 
@@ -84,24 +83,10 @@ def test_imagefolder_tensors_and_loader(image_root):
     torch.testing.assert_close(recal[0], fixed_batches(data.train_eval, 2, 5, seed=0)[0])
 
 
-def write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def fmnist_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    root = tmp_path / "fm"
-    root.mkdir()
-    for part, n in (("train", 120), ("t10k", 30)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 255, (n, 28, 28))
-        write_idx(root / f"{part}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{part}-labels-idx1-ubyte.gz", labels)
-    return root
+    return make_fashion_mnist(tmp_path / "fm", train_per_class=12, test_per_class=3)
 
 
 def test_fashion_mnist_from_data_root(fmnist_root):
