@@ -3,7 +3,7 @@
 PruningNet: every step draws a fresh random gene; ``--valuate`` scores fixed probe genes (widest,
 middle, narrowest) with recalibrated BN on the sub-validation split, which training never sees.
 PrunedNet: the gene comes from ``--gene``, from ``--search-resume FILE --candidate N`` or from the
-``--json`` file (default: full width); ``--inherit`` starts from the PruningNet's weights.
+``--json`` file (default: full width); ``--inherit`` starts from inherited weights instead of from scratch.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from utils import checkpoint
 from utils.config import (Parser, UserError, add_common_args, add_training_args, dump, gene_literal,
                           parse_args, run_script)
 from utils.distributed import Dist, setup
-from utils.engine import evaluate, run_training
+from utils.engine import check_resume, evaluate, run_training
 
 MIDDLE_ID = 15
 
@@ -41,8 +41,8 @@ def get_args_parser() -> Parser:
     p.flag("--search-resume", default=None, help="search checkpoint whose candidate to retrain")
     p.flag("--candidate", type=int, default=None, help="rank of the candidate in --search-resume (0 = best)")
     p.flag("--inherit", nargs="?", const="auto", default=None,
-           help="start from the PruningNet's generated weights (fine-tuning); optional PruningNet checkpoint path, "
-                "by default the one the search used")
+           help="start from inherited weights (fine-tuning): a PruningNet checkpoint's generated weights for the "
+                "gene, or a PrunedNet checkpoint of the same gene; without a path, the PruningNet the search used")
     p.flag("--recal-batches", type=int, default=20, help="training batches for BN recalibration of --valuate probes")
     return p
 
@@ -96,15 +96,25 @@ def resolve_gene(args: argparse.Namespace) -> tuple[Gene, str | None]:
 
 
 def inherit_weights(model: torch.nn.Module, gene: Gene, path: str) -> None:
-    """Load the PruningNet checkpoint ``path`` and copy its materialized PrunedNet into ``model``."""
+    """Start ``model`` from checkpoint ``path``: a PruningNet's materialized PrunedNet for ``gene``,
+    or the weights of a PrunedNet of the same gene (e.g. a search's exported best candidate)."""
     state = checkpoint.load(path, checkpoint.MODEL, "--inherit")
-    if not is_pruningnet(state["arch"]) or get_family(state["arch"]).layout != model.spec.layout:
-        raise UserError(f"--inherit {path}: holds {state['arch']}, not a PruningNet of the "
-                        f"{model.spec.layout.family} family")
+    family = model.spec.layout.family
+    if get_family(state["arch"]).layout != model.spec.layout:
+        raise UserError(f"--inherit {path}: holds {state['arch']}, not a network of the {family} family")
+    if state["model_args"]["num_classes"] != model.num_classes:
+        raise UserError(f"--inherit {path}: the network has {state['model_args']['num_classes']} classes, this "
+                        f"dataset {model.num_classes}")
     net = checkpoint.build_model(state)
-    if net.spec != model.spec or net.num_classes != model.num_classes:
-        raise UserError(f"--inherit {path}: the PruningNet was built with {state['model_args']}; "
-                        f"pass the same --width-mult/--input-size and dataset")
+    if net.spec != model.spec:
+        raise UserError(f"--inherit {path}: the network was built with {state['model_args']}; pass the same "
+                        f"--width-mult and --small-input")
+    if not is_pruningnet(state["arch"]):
+        if net.gene != tuple(gene):
+            raise UserError(f"--inherit {path}: a PrunedNet of gene {model.spec.layout.format(net.gene)}, not of "
+                            f"this run's gene {model.spec.layout.format(gene)}")
+        model.load_state_dict(net.state_dict())
+        return
     model.load_state_dict(net.materialize(gene).state_dict())
 
 
@@ -152,13 +162,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {}
     dist_info, device = setup(args)
     torch.manual_seed(args.seed)
+    resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume") if args.resume else None
     pruning = is_pruningnet(args.arch)
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning,
-                    seed=args.seed)
+                    seed=args.seed, defer_split=True)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     build = build_pruningnet if pruning else build_prunednet
     model, record, validate, layout, summary = build(args, data, device, dist_info, model_args)
-    return run_training(args, model, record, data.train, device, dist_info, validate, summary, layout)
+    if resume_state is not None:
+        check_resume(resume_state, record, args)
+    return run_training(args, model, record, data, device, dist_info, validate, summary, layout, resume_state)
 
 
 if __name__ == "__main__":

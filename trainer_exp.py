@@ -16,7 +16,7 @@ from models.cost import cost_model
 from utils import checkpoint
 from utils.config import Parser, UserError, add_common_args, add_training_args, dump, parse_args, run_script
 from utils.distributed import setup
-from utils.engine import evaluate, run_training
+from utils.engine import check_resume, evaluate, run_training
 
 
 def get_args_parser() -> Parser:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {}
     dist_info, device = setup(args)
     torch.manual_seed(args.seed)
+    resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume") if args.resume else None
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=False, seed=args.seed)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     model = create_model(args.arch, **model_args).to(device)
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     record = checkpoint.model_record(args.arch, None, **model_args)
     validate = lambda m: evaluate(m, val, device, args, reduce=dist_info.enabled)
     summary = f"{args.arch}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params"
-    return run_training(args, model, record, data.train, device, dist_info, validate, summary)
+    if resume_state is not None:
+        check_resume(resume_state, record, args)
+    return run_training(args, model, record, data, device, dist_info, validate, summary, resume_state=resume_state)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Datasets and loaders: one call returns the train, sub-validation and validation parts of a dataset."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,22 +16,31 @@ from . import fashion_mnist, folder, split
 @dataclass
 class DataBundle:
     """``train`` (augmented) and ``train_eval`` (eval transforms, for BN recalibration) hold the same
-    images: all of train, or train minus the sub-validation split when it is held out."""
+    images: all of train, or train minus the sub-validation split when it is held out (``subval``
+    is ``None`` otherwise: retraining needs no split)."""
 
     train: Dataset
     train_eval: Dataset
-    subval: Dataset
+    subval: Dataset | None
     val: Dataset
     num_classes: int
-    split_file: Path
+    split_file: Path | None
+    pending_split: str | None = None
+
+    def save_split(self) -> None:
+        """Write a freshly drawn split; ``get_data(defer_split=True)`` leaves that to the caller, so a
+        run that stops on bad input before it starts writes nothing."""
+        if self.pending_split is not None:
+            split.save(self.split_file, self.pending_split)
+            self.pending_split = None
 
 
 def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class: int = 50,
-             hold_out: bool = True, dry: bool = False, seed: int = 0) -> DataBundle:
+             hold_out: bool = True, seed: int = 0, defer_split: bool = False) -> DataBundle:
     """Load ``dataset`` (``imagenet``: any ImageFolder root; ``fashionmnist``) and its sub-val split.
 
-    ``hold_out=False`` trains on all of train (retraining a PrunedNet); the split still exists, so
-    every stage agrees on it. ``dry`` computes the split without writing it.
+    ``hold_out=True`` holds the sub-validation split out of training (PruningNet training, search);
+    ``hold_out=False`` trains on all of train (retraining a PrunedNet) and draws no split.
     """
     if dataset == "imagenet":
         root = Path(data_root)
@@ -38,29 +48,43 @@ def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class
         val_classes, val_samples = folder.scan(root, "val")
         if val_classes != classes:
             raise UserError(f"--data-root {root}: val/ has classes {val_classes[:3]}... but train/ has "
-                                  f"{classes[:3]}...; both must hold the same class folders")
+                            f"{classes[:3]}...; both must hold the same class folders")
+        train_tf, eval_tf = folder.transforms(input_size)
+        val = folder.Images(val_samples, eval_tf)
+        if not hold_out:
+            return DataBundle(folder.Images(samples, train_tf, seed), folder.Images(samples, eval_tf), None, val,
+                              len(classes), None)
         rel = [str(Path(p).relative_to(root)) for p, _ in samples]
         path = split.split_path(dataset, str(root.resolve()), val_per_class)
-        held = split.load_or_draw(path, rel, [t for _, t in samples], classes, val_per_class, dry)
-        keep = [s for s, r in zip(samples, rel) if (r not in held) or not hold_out]
+        held, pending = split.load_or_draw(path, rel, [t for _, t in samples], classes, val_per_class)
+        keep = [s for s, r in zip(samples, rel) if r not in held]
         sub = [s for s, r in zip(samples, rel) if r in held]
-        train_tf, eval_tf = folder.transforms(input_size)
-        return DataBundle(folder.Images(keep, train_tf, seed), folder.Images(keep, eval_tf),
-                          folder.Images(sub, eval_tf), folder.Images(val_samples, eval_tf), len(classes), path)
-    if dataset == "fashionmnist":
+        bundle = DataBundle(folder.Images(keep, train_tf, seed), folder.Images(keep, eval_tf),
+                            folder.Images(sub, eval_tf), val, len(classes), path, pending)
+    elif dataset == "fashionmnist":
         where = fashion_mnist.locate(data_root)
         images, labels = fashion_mnist.load(where, "train")
         test_images, test_labels = fashion_mnist.load(where, "test")
-        path = split.split_path(dataset, "fashion-mnist-train", val_per_class)
-        held = split.load_or_draw(path, range(len(labels)), labels.tolist(), fashion_mnist.CLASSES, val_per_class, dry)
+        make = lambda m, train: fashion_mnist.FashionMNIST(images[m], labels[m], input_size, train, seed)
+        val = fashion_mnist.FashionMNIST(test_images, test_labels, input_size, False)
+        everything = torch.ones(len(labels), dtype=torch.bool)
+        if not hold_out:
+            return DataBundle(make(everything, True), make(everything, False), None, val,
+                              len(fashion_mnist.CLASSES), None)
+        # named after the labels' content, so another set of IDX files never reuses this split
+        source = "fashion-mnist-train:" + hashlib.sha1(labels.numpy().tobytes()).hexdigest()
+        path = split.split_path(dataset, source, val_per_class)
+        held, pending = split.load_or_draw(path, range(len(labels)), labels.tolist(), fashion_mnist.CLASSES,
+                                           val_per_class)
         mask = torch.zeros(len(labels), dtype=torch.bool)
         mask[sorted(held)] = True
-        keep = ~mask if hold_out else torch.ones_like(mask)
-        make = lambda m, train: fashion_mnist.FashionMNIST(images[m], labels[m], input_size, train, seed)
-        return DataBundle(make(keep, True), make(keep, False), make(mask, False),
-                          fashion_mnist.FashionMNIST(test_images, test_labels, input_size, False),
-                          len(fashion_mnist.CLASSES), path)
-    raise UserError(f"unknown dataset {dataset!r}; choose imagenet or fashionmnist")
+        bundle = DataBundle(make(~mask, True), make(~mask, False), make(mask, False), val,
+                            len(fashion_mnist.CLASSES), path, pending)
+    else:
+        raise UserError(f"unknown dataset {dataset!r}; choose imagenet or fashionmnist")
+    if not defer_split:
+        bundle.save_split()
+    return bundle
 
 
 class EpochSampler(Sampler[int]):

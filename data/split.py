@@ -41,22 +41,27 @@ def draw(keys: Sequence[Hashable], targets: Sequence[int], classes: Sequence[str
 
 
 def load_or_draw(path: Path, keys: Sequence[Hashable], targets: Sequence[int], classes: Sequence[str],
-                 per_class: int, dry: bool = False) -> set:
-    """The held-out keys: read from ``path`` when present (checked against the data), else drawn and saved."""
+                 per_class: int) -> tuple[set, str | None]:
+    """The held-out keys, read from ``path`` when present (checked against the data), else drawn;
+    and for a fresh draw the file text still to be written (``save``), else ``None``."""
     known = set(keys)
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
             held = [k if isinstance(k, int) else str(k) for k in saved["subval"]]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise UserError(f"sub-validation split {path} is unreadable; delete it to draw it again") from None
         missing = [k for k in held if k not in known]
         if missing or len(held) != per_class * len(classes):
             raise UserError(f"sub-validation split {path} does not match the data (e.g. {missing[:1]} is gone); "
                             f"delete it to draw a new split")
-        return set(held)
+        return set(held), None
     held = draw(keys, targets, classes, per_class)
-    if not dry:
-        save_text(json.dumps({"per_class": per_class, "seed": SPLIT_SEED, "classes": list(classes),
-                              "subval": sorted(held, key=str)}), path)
-    return set(held)
+    text = json.dumps({"per_class": per_class, "seed": SPLIT_SEED, "classes": list(classes),
+                       "subval": sorted(held, key=str)})
+    return set(held), text
+
+
+def save(path: Path, text: str) -> None:
+    """Write a freshly drawn split (atomically, like every file the project writes)."""
+    save_text(text, path)

@@ -119,3 +119,28 @@ def test_every_experiment_file_resolves(path, workdir):
     assert cfg["json"] == str(path)
     for k, v in json.loads(path.read_text()).items():
         assert cfg[k.replace("-", "_")] == v, k
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr", "-1"], ["--lr must be a finite number >= 0, got -1.0"]),
+    (["--lr", "nan"], ["--lr", "got nan"]),
+    (["--momentum", "-3"], ["--momentum must be a finite number in [0, 1)"]),
+    (["--label-smoothing", "2"], ["--label-smoothing", "in [0, 1)"]),
+    (["--weight-decay", "-0.1"], ["--weight-decay"]),
+    (["--warmup-epochs", "-1"], ["--warmup-epochs"]),
+    (["--warmup-epochs", "5", "--epochs", "3"], ["--warmup-epochs 5 is longer than --epochs 3"]),
+    (["--steps-per-epoch", "-2"], ["--steps-per-epoch"]),
+    (["--vis-port", "70000"], ["--vis-port must be a TCP port in 1..65535, got 70000"]),
+])
+def test_out_of_range_numbers_are_one_line_errors(args, words, workdir):
+    r = invoke("meta_trainer_exp.py", "--arch", "resnet50_pruningnet", *args, "--dry-run", cwd=workdir)
+    assert_one_line_error(r, *words)
+
+
+def test_json_switches_can_be_turned_off_on_the_command_line(workdir):
+    exp = workdir / "exp.json"
+    exp.write_text(json.dumps({"arch": "resnet50_prunednet", "visdom": True, "valuate": True, "inherit": True}))
+    cfg = dry_run("meta_trainer_exp.py", "--json", str(exp), cwd=workdir)
+    assert cfg["visdom"] is True and cfg["valuate"] is True and cfg["inherit"] == "auto"
+    cfg = dry_run("meta_trainer_exp.py", "--json", str(exp), "--no-visdom", "--no-valuate", cwd=workdir)
+    assert cfg["visdom"] is False and cfg["valuate"] is False

@@ -28,8 +28,16 @@ def test_subval_split_is_disjoint_stable_and_saved(image_root, tmp_path):
     b = get_data("imagenet", str(image_root), 16, val_per_class=4)
     assert {p for p, _ in b.subval.samples} == sub_paths and a.split_file.read_text() == saved
     full = get_data("imagenet", str(image_root), 16, val_per_class=4, hold_out=False)
-    assert len(full.train) == 30 and {p for p, _ in full.subval.samples} == sub_paths
+    assert len(full.train) == 30 and full.subval is None  # retraining uses all of train
     assert len(a.val) == 9 and a.num_classes == 3
+
+
+def test_deferred_split_is_written_only_when_asked(image_root):
+    a = get_data("imagenet", str(image_root), 16, val_per_class=4, defer_split=True)
+    assert not a.split_file.exists()  # a run that then stops on bad input leaves nothing behind
+    a.save_split()
+    b = get_data("imagenet", str(image_root), 16, val_per_class=4, defer_split=True)
+    assert b.pending_split is None and [p for p, _ in b.subval.samples] == [p for p, _ in a.subval.samples]
 
 
 def test_split_is_redrawn_identically_without_its_file(image_root):
@@ -118,6 +126,14 @@ def test_fashion_mnist_from_data_root(fmnist_root):
     torch.testing.assert_close(data.train.__getitems__([9, 5, 2])[0][1:], aug[[5, 2]])
     data.train.set_epoch(1)
     assert not torch.equal(data.train.__getitems__(list(range(8)))[0], aug)
+
+
+def test_fashion_mnist_split_belongs_to_its_files(fmnist_root, tmp_path):
+    a = get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2)
+    other = make_fashion_mnist(tmp_path / "other", train_per_class=13, test_per_class=3)
+    b = get_data("fashionmnist", str(other), 32, val_per_class=2)
+    assert a.split_file != b.split_file and a.split_file.is_file() and b.split_file.is_file()
+    assert len(b.train) == 110
 
 
 def test_fashion_mnist_truncated_file(fmnist_root):

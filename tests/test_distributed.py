@@ -1,7 +1,10 @@
 """Real torchrun runs (2 processes, gloo on CPU): same genes everywhere, same results as 1 process."""
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +85,40 @@ def test_distributed_search_equals_single_process(work):
     one = torch.load(work / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops1.50_checkpoint.pth.tar",
                      weights_only=True)
     assert two["candidates"] == one["candidates"] and len(one["candidates"]) == 12
+
+
+def worker_pid(launcher: int, rank: int) -> int | None:
+    """The PID of torchrun worker ``rank`` started by the launcher process ``launcher``."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(work):
+    ckpt = work / CKPT / "imagenet_mobilenetv2_pruningnet_sig_checkpoint.pth.tar"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "meta_trainer_exp.py"), *TRAIN, *tiny(4), "--epochs", "50", "--save-every-steps", "1",
+           "--suffix", "_sig"]
+    launcher = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        end = time.time() + 120
+        while not ckpt.exists():
+            assert launcher.poll() is None and time.time() < end, launcher.communicate()[0][-3000:]
+            time.sleep(0.1)
+        os.kill(worker_pid(launcher.pid, 1), signal.SIGTERM)  # rank 1 only: rank 0 must learn of it
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert "stopped by signal 15" in (work / "logs/imagenet_mobilenetv2_pruningnet_sig.txt").read_text(), out[-3000:]
+    state = checkpoint.load(ckpt)
+    assert state["epoch"] < 50 and state["world_size"] == 2
+    r = invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--epochs", str(state["epoch"] + 1), "--suffix", "_sig",
+               "--resume", str(ckpt), cwd=work)
+    assert r.returncode == 0, r.stderr

@@ -126,7 +126,7 @@ def test_truncated_and_foreign_files_are_clear_errors(work):
     assert_one_line_error(r, "truncated or corrupt")
     (work / "other.pth.tar").write_bytes(b"not a checkpoint at all")
     r = invoke("meta_trainer_exp.py", *RUN[:2], *TINY_TRAIN, "--resume", "other.pth.tar", cwd=work)
-    assert_one_line_error(r, "other.pth.tar")
+    assert_one_line_error(r, "other.pth.tar", "not a PyTorch checkpoint file")
     torch.save({"weights": torch.zeros(2)}, work / "plain.pth")
     r = invoke("meta_trainer_exp.py", *RUN[:2], *TINY_TRAIN, "--resume", "plain.pth", cwd=work)
     assert_one_line_error(r, "not a MetaPrune checkpoint")

@@ -115,3 +115,74 @@ def test_trainer_exp_from_json(work):
     net = checkpoint.build_model(state)
     assert net.gene == get_family("resnet50").layout.full()
     assert "final top1" in r.stdout
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv2_pruningnet", "resnet50_prunednet"])
+def test_channels_last_trains_both_kinds_of_network(work, arch):
+    extra = ["--gene", str([5] * 4 + [-1] + [5] * 16)] if "prunednet" in arch else []
+    train(work, "--arch", arch, "--epochs", "1", "--channels-last", "--lr", "0.05", *extra)
+    state = checkpoint.load(work / CKPT / f"imagenet_{arch}_checkpoint.pth.tar", checkpoint.MODEL)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_resume_that_does_not_fit_the_run_is_one_line_and_writes_nothing(work):
+    train(work, "--arch", "mobilenetv2_pruningnet", "--epochs", "1", "--suffix", "_a")
+    ckpt = f"{CKPT}/imagenet_mobilenetv2_pruningnet_a_checkpoint.pth.tar"
+    (work / "bad.pth.tar").write_bytes(b"garbage")
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    cases = [(["--width-mult", "0.25", "--resume", ckpt], "width_mult 0.125 (this run: 0.25)"),
+             (["--input-size", "32", "--resume", ckpt], "--input-size 24, not 32"),
+             (["--resume", "bad.pth.tar"], "not a PyTorch checkpoint file")]
+    for extra, words in cases:
+        r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "mobilenetv2_pruningnet", "--epochs", "2",
+                   "--suffix", "_b", *extra, cwd=work)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # no split, log or checkpoint
+
+
+def test_mid_epoch_checkpoint_resumes_after_the_same_samples_with_another_batch_size(work, monkeypatch):
+    from utils.engine import Trainer
+
+    original, saves = Trainer.save, []
+
+    def save_then_die(self, best=False):
+        original(self, best)
+        saves.append(self.step_in_epoch)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed right after the checkpoint of step 2 (16 of 24 images)
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    args = ["--arch", "resnet50_pruningnet", "--epochs", "1", "--save-every-steps", "1", "--vis-interval", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        train(work, *args)
+    monkeypatch.setattr(Trainer, "save", original)
+    ckpt = f"{CKPT}/imagenet_resnet50_pruningnet_checkpoint.pth.tar"
+    assert checkpoint.load(work / ckpt)["samples_in_epoch"] == 16
+    small = list(TINY_TRAIN)
+    small[small.index("--batch-size") + 1] = "4"
+    r = invoke("meta_trainer_exp.py", *small, *args, "--resume", ckpt, cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "at epoch 0 step 4" in r.stdout  # 16 images = 4 steps of 4
+    steps = [row["step"] for row in read_jsonl(work / "logs/imagenet_resnet50_pruningnet.jsonl")
+             if row["kind"] == "step"]
+    assert steps == [1, 2, 5, 6]  # 2 steps of 8, then the last 8 images in 2 steps of 4
+    assert checkpoint.load(work / ckpt)["scheduler"]["last_epoch"] == 6
+
+
+def test_inherit_from_an_exported_prunednet_of_the_same_gene(work):
+    gene = str([9] * 4 + [-1] + [9] * 16)
+    train(work, "--arch", "resnet50_prunednet", "--gene", gene, "--epochs", "1", "--suffix", "_src")
+    src = f"{CKPT}/imagenet_resnet50_prunednet_src_checkpoint.pth.tar"
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "resnet50_prunednet", "--gene", gene, "--resume", src,
+               "--epochs", "3", "--suffix", "_src", cwd=work)
+    assert r.returncode == 0, r.stderr  # a checkpoint with its optimizer resumes
+    train(work, "--arch", "resnet50_prunednet", "--gene", gene, "--epochs", "1", "--lr", "0", "--inherit", src,
+          "--suffix", "_ft")
+    a = checkpoint.load(work / src)["model"]
+    b = checkpoint.load(work / f"{CKPT}/imagenet_resnet50_prunednet_ft_checkpoint.pth.tar")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("conv.weight"))  # lr 0: the inherited weights
+    other = str([8] * 4 + [-1] + [8] * 16)
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "resnet50_prunednet", "--gene", other, "--inherit", src,
+               cwd=work)
+    assert r.returncode == 2 and "a PrunedNet of gene [9, 9" in r.stderr, r.stderr

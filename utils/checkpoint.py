@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -27,12 +28,37 @@ FORMAT = "metaprune"
 MODEL, SEARCH = "model", "search"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_HOST = socket.gethostname()
+
+
+def _temp_owner_gone(tmp: Path) -> bool:
+    """Whether the process that wrote temporary file ``tmp`` (``.NAME.HOST.PID.*.tmp``) is gone.
+
+    Only temporary files of this host are judged: under torchrun several processes, possibly on
+    other machines sharing the folder, may be writing at the same moment.
+    """
+    parts = tmp.name.rsplit(".", 4)
+    if len(parts) != 5 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            if _temp_owner_gone(stale):
+                stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as an ordinary write would: mkstemp makes files private (0600)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}; run from a writable directory") from None
     try:
@@ -42,10 +68,10 @@ def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({e.strerror or e}); the previous file is kept") from None
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -91,9 +117,10 @@ def load(path: str | Path, kind: str | None = None, flag: str = "checkpoint") ->
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # the safe unpickler names the class or function it refused
+            raise UserError(f"{flag} {path}: not a PyTorch checkpoint file, or a corrupt one") from None
         raise UserError(f"{flag} {path}: refused to load, the file holds pickled objects other than tensors and plain "
-                        f"values (possibly code); load only checkpoints you trust "
-                        f"({str(e).splitlines()[0][:120]})") from None
+                        f"values (possibly code); load only checkpoints you trust") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise UserError(f"{flag} {path}: truncated or corrupt file ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

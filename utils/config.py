@@ -11,6 +11,7 @@ import argparse
 import ast
 import copy
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def add_common_args(p: Parser, arch_default: str | None = None) -> None:
     p.flag("--log-path", default=None, help="human-readable log (default logs/{dataset}_{arch}{suffix}.txt)")
     p.flag("--suffix", default="", help="appended to checkpoint and log names")
     p.flag("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
-    p.flag("--visdom", action="store_true", help="plot to a visdom server")
+    p.flag("--visdom", action=argparse.BooleanOptionalAction, default=False, help="plot to a visdom server")
     p.flag("--vis-env", default=None, help="visdom environment (default {dataset}_{arch}{suffix})")
     p.flag("--vis-legend", default=None, help="legend name of this run's traces (default: the run name)")
     p.flag("--vis-interval", type=int, default=20, help="iterations between visdom points")
@@ -112,6 +113,8 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
 
 def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     key = f"{where}: key '{action.dest}'"
+    if action.nargs == "?" and isinstance(value, bool):  # "inherit": true means the flag without a value
+        return action.const if value else None
     if action.nargs == 0:
         if not isinstance(value, bool):
             raise UserError(f"{key} must be true or false, got {value!r}")
@@ -180,9 +183,29 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if (args.width_mult is not None and args.width_mult <= 0) or args.workers < 0:
         raise UserError(f"--width-mult must be > 0 and --workers >= 0, got {args.width_mult} and {args.workers}")
+    if not 1 <= args.vis_port <= 65535:
+        raise UserError(f"--vis-port must be a TCP port in 1..65535, got {args.vis_port}")
+    _check_ranges(args)
     if validate:
         validate(args)
     return args
+
+
+# training flags and the interval [low, high) each must lie in
+_RANGES = {"lr": (0.0, math.inf), "momentum": (0.0, 1.0), "weight_decay": (0.0, math.inf),
+           "label_smoothing": (0.0, 1.0), "warmup_epochs": (0, math.inf), "steps_per_epoch": (0, math.inf),
+           "save_every_steps": (0, math.inf)}
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Numbers outside their meaningful range are input errors, found before anything runs."""
+    for name, (low, high) in _RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not (low <= value < high):
+            span = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {span}, got {value}")
+    if getattr(args, "warmup_epochs", 0) > args.epochs:
+        raise UserError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -223,7 +246,8 @@ def add_training_args(p: Parser) -> None:
     p.flag("--lr-scheduler", default="linear", choices=("linear", "cosine"),
            help="per-step decay to zero after warmup (linear is MetaPruning's)")
     p.flag("--warmup-epochs", type=int, default=0)
-    p.flag("--valuate", action="store_true", help="validate after every epoch (else only after the last)")
+    p.flag("--valuate", action=argparse.BooleanOptionalAction, default=False,
+           help="validate after every epoch (else only after the last)")
     p.flag("--resume", default=None, help="continue training from this _checkpoint.pth.tar")
     p.flag("--steps-per-epoch", type=int, default=0, help="cap on training steps per epoch (0 = the whole set)")
     p.flag("--save-every-steps", type=int, default=0, help="also checkpoint every N steps inside an epoch (0 = off)")

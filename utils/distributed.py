@@ -96,6 +96,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def any_process(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise: is the flag set on any process? (the flags themselves in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def all_gather(obj: Any) -> list[Any]:
     """Every process's ``obj``, in rank order (a one-element list in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):

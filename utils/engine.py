@@ -25,7 +25,7 @@ from models import Gene, GeneLayout
 
 from . import checkpoint
 from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_name
-from .distributed import Dist, all_gather, all_reduce_sum, barrier, cleanup
+from .distributed import Dist, all_gather, all_reduce_sum, any_process, barrier, cleanup
 from .logger import RunLogger, progress
 from .meters import correct_topk
 
@@ -77,6 +77,38 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC weights for the model's ``nn.Conv2d`` layers. A PruningNet has none: its generated
+    weights follow the channels-last input, and its 4-D generator tensors must stay as they are."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_resume(state: dict, record: dict, args: argparse.Namespace) -> None:
+    """A ``--resume`` checkpoint must continue this very run: same model, dataset and input size,
+    with its optimizer state. Checked before any output is written."""
+    where = f"--resume {args.resume}"
+    if state["arch"] != record["arch"] or state.get("gene") != record["gene"]:
+        raise UserError(f"{where}: the checkpoint is for {state['arch']} gene {state.get('gene')}, "
+                        f"this run is {record['arch']} gene {record['gene']}")
+    if state.get("dataset") != args.dataset:
+        raise UserError(f"{where}: the checkpoint was trained on {state.get('dataset')}, this run's --dataset is "
+                        f"{args.dataset}")
+    saved = state.get("model_args", {})
+    diffs = [f"{k} {saved.get(k)} (this run: {v})" for k, v in record["model_args"].items() if saved.get(k) != v]
+    if diffs:
+        raise UserError(f"{where}: the checkpoint's model has {', '.join(diffs)}; resume with the flags it was "
+                        f"trained with (--width-mult, --small-input, the same data)")
+    size = state.get("config", {}).get("input_size")
+    if size != args.input_size:
+        raise UserError(f"{where}: the checkpoint was trained at --input-size {size}, not {args.input_size}")
+    if "optimizer" not in state:
+        raise UserError(f"{where}: holds finished weights only (no optimizer state); to start a new run from them, "
+                        f"pass it as --inherit instead")
 
 
 class _StopRequests:
@@ -131,7 +163,7 @@ class Trainer:
         self.args, self.record, self.loader, self.device, self.logger = args, record, loader, device, logger
         self.validate, self.layout, self.dist = validate, layout, dist_info
         if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = to_channels_last(model)
         if args.sync_bn and dist_info.enabled:
             if device.type != "cuda":
                 raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
@@ -148,33 +180,31 @@ class Trainer:
         self.ckpt_path = CHECKPOINT_DIR / f"{name}_checkpoint.pth.tar"
         self.best_path = CHECKPOINT_DIR / f"{name}_best.pth.tar"
         self.epoch, self.step_in_epoch, self.best, self.metrics = 0, 0, -1.0, {}
+        self.stopping = False  # a stop signal reached some process
 
-    def resume(self, path: str) -> None:
-        state = checkpoint.load(path, checkpoint.MODEL, "--resume")
-        if state["arch"] != self.record["arch"] or state.get("gene") != self.record["gene"]:
-            raise UserError(f"--resume {path}: the checkpoint is for {state['arch']} gene {state.get('gene')}, "
-                            f"this run is {self.record['arch']} gene {self.record['gene']}")
-        if "optimizer" not in state:
-            raise UserError(f"--resume {path}: holds weights only (no optimizer state); use it with --inherit")
+    def resume(self, state: dict) -> None:
+        """Continue from a checkpoint that ``check_resume`` accepted."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state.get("scaler", {}))
         self.epoch, self.best, self.metrics = state["epoch"], state["best_top1"], state.get("metrics", {})
-        # a mid-epoch checkpoint of another world size resumes after the same number of samples
-        done = state.get("step_in_epoch", 0) * state.get("world_size", 1)
-        self.step_in_epoch = done // self.dist.world_size
+        # mid-epoch: go on after the same number of samples, whatever the batch size and world size
+        self.step_in_epoch = state["samples_in_epoch"] // (self.args.batch_size * self.dist.world_size)
         self.scheduler.last_epoch = self.epoch * self.steps + self.step_in_epoch  # steps taken
         factor = lr_factor(self.args, (self.scheduler.last_epoch + 1) / self.steps)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor
         set_rng_state(state["rng"])
-        self.logger.info(f"resumed {path} at epoch {self.epoch} step {self.step_in_epoch} (best top-1 {self.best:.2f})")
+        self.logger.info(f"resumed {self.args.resume} at epoch {self.epoch} step {self.step_in_epoch} "
+                         f"(best top-1 {self.best:.2f})")
 
     def state(self) -> dict:
         return {"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, **self.record, "dataset": self.args.dataset,
                 "model": checkpoint.model_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "world_size": self.dist.world_size, "best_top1": self.best,
+                "step_in_epoch": self.step_in_epoch, "world_size": self.dist.world_size,
+                "samples_in_epoch": self.step_in_epoch * self.args.batch_size * self.dist.world_size,
+                "best_top1": self.best,
                 "metrics": self.metrics, "rng": rng_state(), "config": vars(self.args)}
 
     def save(self, best: bool = False) -> None:
@@ -184,21 +214,22 @@ class Trainer:
                 checkpoint.copy(self.ckpt_path, self.best_path)
         barrier()
 
-    def fit(self) -> dict[str, float]:
+    def fit(self, resume_state: dict | None = None) -> dict[str, float]:
         args = self.args
-        if args.resume:
-            self.resume(args.resume)
+        if resume_state is not None:
+            self.resume(resume_state)
         if self.dist.main:
             checkpoint.save_text(json.dumps(vars(args), indent=1, sort_keys=True),
                                  CHECKPOINT_DIR / f"{run_name(args)}_config.json")
         with _StopRequests() as stop:
             while self.epoch < args.epochs:
                 stats = self.train_one_epoch(stop)
-                if stop.signal is not None:
+                if self.stopping:
                     self.save()
-                    self.logger.info(f"stopped by signal {stop.signal} at epoch {self.epoch} step "
+                    signum = stop.signal or signal.SIGTERM  # another process was signalled
+                    self.logger.info(f"stopped by signal {signum} at epoch {self.epoch} step "
                                      f"{self.step_in_epoch}; resume with --resume {self.ckpt_path}")
-                    raise SystemExit(128 + stop.signal)
+                    raise SystemExit(128 + signum)
                 self.end_epoch(stats)
         return self.metrics
 
@@ -235,12 +266,16 @@ class Trainer:
             with autocast(args, device):
                 out = self.ddp(x, gene) if gene is not None else self.ddp(x)
                 loss = self.criterion(out.float(), y)
-            if not torch.isfinite(loss):
-                self.logger.info(f"non-finite loss {loss.item()} at epoch {self.epoch} step {self.step_in_epoch}"
+            # one exchange per step decides for every process: all stop at the same step, or none
+            bad_loss, self.stopping = any_process([not torch.isfinite(loss).item(), stop.signal is not None], device)
+            if bad_loss:
+                what = (f"loss became {loss.item()}" if not torch.isfinite(loss)
+                        else "another process's loss became non-finite")
+                self.logger.info(f"non-finite loss: {what} at epoch {self.epoch} step {self.step_in_epoch}"
                                  + (f" gene {self.layout.format(gene)}" if gene is not None else ""))
-                raise TrainingStopped(f"loss became {loss.item()} at epoch {self.epoch} step {self.step_in_epoch}; "
-                                      f"the last good checkpoint {self.ckpt_path} is kept (lower --lr or add "
-                                      f"--warmup-epochs, then --resume it)")
+                raise TrainingStopped(f"{what} at epoch {self.epoch} step {self.step_in_epoch}; the last good "
+                                      f"checkpoint {self.ckpt_path} is kept (lower --lr or add --warmup-epochs, then "
+                                      f"--resume it)")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -267,7 +302,7 @@ class Trainer:
             if args.save_every_steps and self.step_in_epoch % args.save_every_steps == 0 \
                     and self.step_in_epoch < self.steps:
                 self.save()
-            if stop.signal is not None or self.step_in_epoch == self.steps:
+            if self.stopping or self.step_in_epoch == self.steps:
                 break
         elapsed = time.perf_counter() - start
         loss_sum, hits, count = all_reduce_sum(sums.tolist(), device)
@@ -276,26 +311,28 @@ class Trainer:
                 "time": elapsed, "img_s": seen * self.dist.world_size / max(elapsed, 1e-9)}
 
 
-def run_training(args: argparse.Namespace, model: nn.Module, record: dict, train_set, device: torch.device,
+def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data, device: torch.device,
                  dist_info: Dist, validate: Callable[[nn.Module], dict[str, float]], summary: str,
-                 layout: GeneLayout | None = None) -> dict[str, float]:
-    """What both training scripts do once model and data exist: the loader, the logger (rank 0),
-    the epoch loop, and leaving the process group."""
+                 layout: GeneLayout | None = None, resume_state: dict | None = None) -> dict[str, float]:
+    """What both training scripts do once model and data exist and the input is checked: the
+    loader, the split file and the logger (rank 0), the epoch loop, and leaving the process group."""
     from data import make_loader
 
     from .visdom_sink import make_sink
 
-    loader = make_loader(train_set, args.batch_size, True, args.workers, args.seed, dist_info.rank,
+    loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, dist_info.rank,
                          dist_info.world_size, pin_memory=device.type == "cuda")
     if len(loader) == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
     path = log_path(args)
     checkpoint.check_writable(CHECKPOINT_DIR, path.parent)
+    if dist_info.main:
+        data.save_split()
     logger = RunLogger(path, enabled=dist_info.main, sink=make_sink(args, path.stem, path) if dist_info.main else None)
     logger.info(f"config {json.dumps(vars(args), sort_keys=True)}")
     logger.info(summary)
     try:
-        metrics = Trainer(args, model, record, loader, device, logger, validate, layout, dist_info).fit()
+        metrics = Trainer(args, model, record, loader, device, logger, validate, layout, dist_info).fit(resume_state)
         logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     finally:
         logger.close()
