@@ -37,9 +37,7 @@ def get_args_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     add_training_args(p)
-    p.flag("--gene", type=gene_literal, default=None, help='PrunedNet gene, e.g. "[20, 10, ..., 24]"')
-    p.flag("--search-resume", default=None, help="search checkpoint whose candidate to retrain")
-    p.flag("--candidate", type=int, default=None, help="rank of the candidate in --search-resume (0 = best)")
+    add_gene_args(p)
     p.flag("--inherit", nargs="?", const="auto", default=None,
            help="start from inherited weights (fine-tuning): a PruningNet checkpoint's generated weights for the "
                 "gene, or a PrunedNet checkpoint of the same gene; without a path, the PruningNet the search used")
@@ -47,18 +45,32 @@ def get_args_parser() -> Parser:
     return p
 
 
+def add_gene_args(p: Parser) -> None:
+    """Where a PrunedNet's gene comes from (also ``trainer_exp.py``'s flags)."""
+    p.flag("--gene", type=gene_literal, default=None, help='PrunedNet gene, e.g. "[20, 10, ..., 24]"')
+    p.flag("--search-resume", default=None, help="search checkpoint whose candidate to retrain")
+    p.flag("--candidate", type=int, default=None, help="rank of the candidate in --search-resume (0 = best)")
+
+
 def _validate(args: argparse.Namespace) -> None:
+    if is_pruningnet(args.arch) and args.inherit:
+        raise UserError(f"--inherit is for *_prunednet archs, not {args.arch}")
+    validate_gene_args(args)
+    if args.recal_batches < 1:
+        raise UserError(f"--recal-batches must be a positive integer, got {args.recal_batches}")
+
+
+def validate_gene_args(args: argparse.Namespace) -> None:
+    """Check the gene flags of ``add_gene_args``; a retrained search candidate is named after its budget."""
     pruning = is_pruningnet(args.arch)
-    if pruning and (args.gene is not None or args.search_resume or args.inherit):
-        raise UserError(f"--gene, --search-resume and --inherit are for *_prunednet archs, not {args.arch}")
+    if pruning and (args.gene is not None or args.search_resume):
+        raise UserError(f"--gene and --search-resume are for *_prunednet archs, not {args.arch}")
     if args.candidate is not None and not args.search_resume:
         raise UserError("--candidate N needs --search-resume FILE (the search checkpoint holding the candidates)")
     if args.gene is not None and args.search_resume:
         raise UserError("give the gene either with --gene or with --search-resume/--candidate, not both")
     if args.candidate is not None and args.candidate < 0:
         raise UserError(f"--candidate must be 0 or more, got {args.candidate}")
-    if args.recal_batches < 1:
-        raise UserError(f"--recal-batches must be a positive integer, got {args.recal_batches}")
     if not pruning and args.gene is not None:
         _parse_gene(args.arch, args.gene)
     if args.search_resume and not args.suffix:

@@ -4,9 +4,11 @@ import json
 import pytest
 import torch
 
+from data import fixed_batches, get_data, make_loader
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl
 from models import get_family
+from search.evaluator import CandidateEvaluator
 from utils import checkpoint
 
 CKPT = "checkpoints/meta_prune"
@@ -25,12 +27,20 @@ def train(work, *args):
 
 
 @pytest.mark.parametrize("family", ["resnet50", "mobilenetv2"])
-def test_pruningnet_epoch_checkpoint_rebuilds_model(work, family):
+def test_pruningnet_epoch_checkpoint_rebuilds_model(work, family, monkeypatch):
     train(work, "--arch", f"{family}_pruningnet", "--epochs", "1", "--valuate")
     state = checkpoint.load(work / CKPT / f"imagenet_{family}_pruningnet_checkpoint.pth.tar", checkpoint.MODEL)
     assert state["epoch"] == 1 and state["gene"] is None and state["arch"] == f"{family}_pruningnet"
     assert {"model", "optimizer", "scheduler", "best_top1", "config", "metrics"} <= set(state)
     assert set(state["metrics"]) == {"top1", "top1_widest", "top1_middle", "top1_narrowest"}
+    # --valuate scores the probe genes exactly as the search scores a candidate: recalibrated BN, sub-val split
+    monkeypatch.chdir(work)
+    data = get_data("imagenet", "img", 24, val_per_class=4)
+    evaluator = CandidateEvaluator(checkpoint.build_model(state), fixed_batches(data.train_eval, 2, 8, 0),
+                                   make_loader(data.subval, 8, False, 0), torch.device("cpu"))
+    layout = get_family(family).layout
+    assert state["metrics"]["top1_widest"] == evaluator.top1(layout.full())
+    assert state["metrics"]["top1_narrowest"] == evaluator.top1(layout.narrowest())
     assert state["config"]["width_mult"] == 0.125
     best = torch.load(work / CKPT / f"imagenet_{family}_pruningnet_best.pth.tar", weights_only=True)
     assert best["epoch"] == 1
@@ -115,6 +125,11 @@ def test_trainer_exp_from_json(work):
     net = checkpoint.build_model(state)
     assert net.gene == get_family("resnet50").layout.full()
     assert "final top1" in r.stdout
+    gene = [9] * 4 + [-1] + [9] * 16
+    r = invoke("trainer_exp.py", "--json", str(exp), *TINY_DATA[2:], "--gene", str(gene), "--suffix", "_g", cwd=work)
+    assert r.returncode == 0, r.stderr
+    state = checkpoint.load(work / CKPT / "imagenet_resnet50_prunednet_g_best.pth.tar", checkpoint.MODEL)
+    assert get_family("resnet50").layout.format(checkpoint.build_model(state).gene) == gene
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv2_pruningnet", "resnet50_prunednet"])
