@@ -4,21 +4,27 @@
 # --with-data: also install Fashion-MNIST (Debian's dataset-fashion-mnist; needs root or sudo).
 # --with-visdom-assets: also install the visdom dashboard page's JavaScript from the npm registry
 # (scripts/visdom_assets.sh), for machines where visdom cannot fetch it from its CDNs.
+# --with-browser: also install Debian's chromium (needs root or sudo), which the test suite uses to
+# load a real dashboard page and screenshot it (scripts/dashboard_screenshot.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 visdom_assets=false
+apt_packages=()
 for arg in "$@"; do
   case "$arg" in
     --with-visdom-assets) visdom_assets=true ;;
     --with-data)
-      if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-        sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-        $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-          || { echo "setup.sh: could not install dataset-fashion-mnist; install it or pass --data-root" >&2; exit 1; }
-      fi ;;
-    *) echo "setup.sh: unknown option $arg (use --with-data, --with-visdom-assets)" >&2; exit 2 ;;
+      [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist) ;;
+    --with-browser)
+      command -v chromium >/dev/null || apt_packages+=(chromium) ;;
+    *) echo "setup.sh: unknown option $arg (use --with-data, --with-visdom-assets, --with-browser)" >&2; exit 2 ;;
   esac
 done
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${apt_packages[@]}" >/dev/null \
+    || { echo "setup.sh: could not install ${apt_packages[*]} with apt-get (needs root or sudo)" >&2; exit 1; }
+fi
 PY=${PYTHON:-python3}
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt setup.sh | sha256sum | cut -d' ' -f1)

@@ -7,9 +7,25 @@
 #
 # Usage: scripts/visdom_assets.sh [PYTHON]     (default: .venv/bin/python, else python3)
 set -euo pipefail
+usage="usage: scripts/visdom_assets.sh [PYTHON]  (the interpreter whose visdom gets the files; default: .venv/bin/python, else python3)"
+case $# in
+  0) PY="" ;;
+  1) case $1 in
+       -h|--help) echo "$usage"; exit 0 ;;
+       -*) echo "visdom_assets.sh: unknown option '$1'; $usage" >&2; exit 2 ;;
+       # a path is the caller's: made absolute before the cd below (a missing folder fails the check after)
+       */*) dir=$(cd "$(dirname "$1")" 2>/dev/null && pwd) && PY=$dir/$(basename "$1") || PY=$1 ;;
+       *) PY=$1 ;;
+     esac
+     command -v "$PY" >/dev/null \
+       || { echo "visdom_assets.sh: no Python interpreter at '$1'; give the python of the environment with visdom, e.g. .venv/bin/python" >&2; exit 2; } ;;
+  *) echo "visdom_assets.sh: expected at most one argument, got $#; $usage" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
-PY=${1:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+if [ -z "$PY" ]; then
+  PY=.venv/bin/python
+  [ -x "$PY" ] || PY=python3
+fi
 command -v npm >/dev/null || { echo "visdom_assets.sh: needs npm (Debian: apt-get install npm)" >&2; exit 1; }
 static=$("$PY" -c "import os, visdom; print(os.path.join(os.path.dirname(visdom.__file__), 'static'))") \
   || { echo "visdom_assets.sh: $PY cannot import visdom (run ./setup.sh first)" >&2; exit 1; }

@@ -12,14 +12,21 @@
 # JavaScript from CDNs and stops where the internet is unreachable; scripts/visdom_assets.sh
 # installs the same files from the npm registry.
 set -euo pipefail
+usage="usage: scripts/visdom_server.sh [PORT] [--all-interfaces]  (default port 8097, listening on 127.0.0.1 only)"
+# PYTHON and VISDOM_ENV_PATH relative to the caller's directory, resolved before the cd below.
+PY=${PYTHON:-}
+[[ $PY == */* && $PY != /* ]] && PY=$PWD/$PY
+env_path=${VISDOM_ENV_PATH:-$HOME/.visdom/}
+[[ $env_path != /* ]] && env_path=$PWD/$env_path
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+PY=${PY:-.venv/bin/python}
 port=8097
 bind=(-bind_local)
 for arg in "$@"; do
   case "$arg" in
+    -h|--help) echo "$usage"; exit 0 ;;
     --all-interfaces) bind=() ;;
-    ''|*[!0-9]*) echo "visdom_server.sh: expected a port number or --all-interfaces, got '$arg'" >&2; exit 2 ;;
+    ''|*[!0-9]*) echo "visdom_server.sh: expected a port number or --all-interfaces, got '$arg'; $usage" >&2; exit 2 ;;
     *) port=$arg ;;
   esac
 done
@@ -33,7 +40,6 @@ if [ ! -f "$static/js/plotly-plotly.min.js" ]; then
   echo "visdom_server.sh: the dashboard page's JavaScript is not installed, so the page will stay blank;" \
        "run scripts/visdom_assets.sh (or ./setup.sh --with-visdom-assets) first" >&2
 fi
-env_path=${VISDOM_ENV_PATH:-$HOME/.visdom/}
 mkdir -p "$env_path"
 host=127.0.0.1
 [ ${#bind[@]} -eq 0 ] && host=$(hostname)

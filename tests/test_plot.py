@@ -1,14 +1,20 @@
 """python -m utils.plot: PNGs from JSONL run logs (no server), run selection, Pareto front, errors."""
 from __future__ import annotations
 
+import http.server
 import json
+import os
 import random
+import subprocess
+import sys
+import threading
 
 import matplotlib.image
 import pytest
 
+from conftest import ROOT
 from data.synthetic import make_image_folder
-from helpers import TINY_DATA, invoke, read_jsonl
+from helpers import TINY_DATA, assert_one_line_error, invoke, read_jsonl
 from utils import plot
 from utils.config import UserError
 
@@ -46,19 +52,27 @@ def test_pareto_front_is_the_best_accuracy_for_a_given_cost():
     assert plot.pareto_front([]) == []
 
 
+def run_row(resumed: bool) -> dict:
+    return {"kind": "run", "resumed": resumed}
+
+
 def test_last_run_is_the_last_fresh_start_with_its_resumes():
-    first = [step(0, 2), step(0, 4), epoch_row(1, val_top1=10.0), step(1, 6), step(1, 8), epoch_row(2, val_top1=20.0)]
-    second = [step(0, 2, loss=9.0), step(0, 4, loss=9.0)]  # from scratch again, stopped mid-epoch 0
-    resumed = [step(0, 4, loss=5.0), epoch_row(1, val_top1=30.0), step(1, 6, loss=5.0)]  # resumed from step 3
+    first = [run_row(False), step(0, 2), step(0, 4), epoch_row(1, val_top1=10.0), step(1, 6), step(1, 8),
+             epoch_row(2, val_top1=20.0)]
+    second = [run_row(False), step(0, 2, loss=9.0), step(0, 4, loss=9.0)]  # from scratch again, stopped mid-epoch 0
+    # resumed from step 1, before the first plotted step: its first step is the one a fresh run logs first
+    resumed = [run_row(True), step(0, 2, loss=5.0), step(0, 4, loss=5.0), epoch_row(1, val_top1=30.0),
+               step(1, 6, loss=5.0)]
     rows = first + second + resumed
     assert plot.last_run(rows) == second + resumed
     steps = plot.latest(plot.last_run(rows), "step", "step")
-    assert [(r["step"], r["loss"]) for r in steps] == [(2, 9.0), (4, 5.0), (6, 5.0)]  # a re-logged step: last wins
+    assert [(r["step"], r["loss"]) for r in steps] == [(2, 5.0), (4, 5.0), (6, 5.0)]  # a re-logged step: last wins
     searches = search_rows(3)
-    assert plot.last_run(searches + searches[:2]) == searches[:2]  # a search restarted at iteration 1
-    resumed_search = searches[:2] + searches[1:]  # resumed from iteration 1's checkpoint: iteration 2 again
+    assert plot.last_run([run_row(False)] + searches + [run_row(False)] + searches[:2]) == [run_row(False)] + searches[:2]
+    resumed_search = [run_row(False)] + searches[:2] + [run_row(True)] + searches[1:]  # iteration 2 again
     assert plot.last_run(resumed_search) == resumed_search
     assert plot.latest(resumed_search, "search", "iteration") == searches
+    assert plot.last_run(first[1:] + second[1:]) == first[1:] + second[1:]  # runs that do not say: one run
 
 
 def test_training_figure_draws_train_lines_and_epoch_points():
@@ -134,7 +148,8 @@ def test_errors_name_the_bad_input(tmp_path):
     with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):
         plot.main([str(bad)])
     no_loss = write_jsonl(tmp_path / "no_loss.jsonl", [{"kind": "step", "epoch": 0, "step": 1}])
-    with pytest.raises(UserError, match=r"no_loss: step 1 has no loss, top1, lr, img_s"):
+    with pytest.raises(UserError, match=r"no_loss.jsonl:1: a step record without loss, top1, lr, img_s; expected a "
+                                        r"JSONL log"):
         plot.main([str(no_loss)])
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"kind": "note"}])
     with pytest.raises(UserError, match=r"empty.jsonl: no step or search records"):
@@ -151,3 +166,93 @@ def test_errors_name_the_bad_input(tmp_path):
     replay_log.write_text("[1]\n")
     with pytest.raises(UserError, match=r"run.visdom:1: not a visdom log line"):
         plot.main(["--replay", str(replay_log)])
+
+
+def test_a_search_without_new_candidates_plots_what_it_has():
+    rows = [{**r, "candidates": []} for r in search_rows(3)]  # e.g. iterations that only met known genes
+    fig = plot.search_figure(rows, "search")
+    scatter_ax, best_ax = fig.axes  # no candidates: no colorbar
+    (star,) = scatter_ax.collections
+    assert tuple(star.get_offsets()[0]) == (rows[-1]["best_macs"] / 1e6, 100 - rows[-1]["best_error"])
+    assert [line.get_label() for line in scatter_ax.get_lines()] == ["budget 6.00 MMac"]  # no Pareto front
+    assert list(best_ax.get_lines()[0].get_xdata()) == [1, 2, 3]
+
+
+def cli(tmp_path, *args: str):
+    """``python -m utils.plot args`` in ``tmp_path``, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "utils.plot", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120, check=False)
+
+
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [step(0, 1), step(0, 2)])
+    bad_step = write_jsonl(tmp_path / "bad_step.jsonl", [{"kind": "step", "loss": 1.0}])
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "latin1.jsonl").write_bytes('{"kind": "step", "note": "caf\u00e9"}\n'.encode("latin-1"))
+    (tmp_path / "a_folder.jsonl").mkdir()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "good.jsonl").write_text(good.read_text())
+    replay_log = tmp_path / "run.visdom"
+    replay_log.write_text('["update", [1]]\n')
+    cases = [
+        (["good.jsonl", "sub/good.jsonl"], ["good.jsonl and sub/good.jsonl would both be plotted to plots/good_training"]),
+        (["good.jsonl", "--dpi", "0"], ["--dpi must be from 1 to 1000", "got 0"]),
+        (["good.jsonl", "--dpi", "-5"], ["--dpi must be from 1 to 1000", "got -5"]),
+        (["good.jsonl", "--out", "a_file"], ["--out a_file: is a file; give a folder"]),
+        (["good.jsonl", "--out", "a_file/sub"], ["--out a_file/sub: cannot be made: a_file is a file"]),
+        (["a_folder.jsonl"], ["a_folder.jsonl: is a folder; expected a JSONL log"]),
+        (["latin1.jsonl"], ["latin1.jsonl: not UTF-8 text", "expected a JSONL log"]),
+        (["good.jsonl", "bad_step.jsonl"], ["bad_step.jsonl:1: a step record without epoch, step, top1, lr, img_s"]),
+        (["good.jsonl", "--replay", "run.visdom"], ["--replay run.visdom:1: not a visdom log line", "[1]"]),
+        (["--replay", "run.visdom", "--vis-port", "70000"], ["--vis-port must be from 1 to 65535"]),
+    ]
+    for args, words in cases:
+        r = cli(tmp_path, *args)
+        assert_one_line_error(r, *words)
+        assert not (tmp_path / "plots").exists(), args  # not even the good log's PNG
+    assert good.is_file() and bad_step.is_file()
+
+
+def test_unusable_records_name_their_line(tmp_path):
+    def error(rows: list) -> str:
+        log = tmp_path / "log.jsonl"
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(UserError) as e:
+            plot.read_log(log)
+        return str(e.value)
+
+    search = search_rows(1)[0]
+    no_candidates = {k: v for k, v in search.items() if k != "candidates"}
+    assert "log.jsonl:2: a search record without candidates" in error([step(0, 1), no_candidates])
+    assert "log.jsonl:1: the step record's step is \"2\"" in error([{**step(0, 1), "step": "2"}])
+    assert "the step record's loss is true" in error([{**step(0, 1), "loss": True}])
+    assert "a search candidate without a numeric error and macs" in error([{**search, "candidates": [{"macs": 1}]}])
+    assert "the epoch record's val_top1 is \"x\"" in error([epoch_row(1, val_top1="x")])
+    assert "log.jsonl:1: expected a RunLogger record with a 'kind'" in error([{"kind": [1]}])
+    assert "a run record without resumed" in error([{"kind": "run"}])
+
+
+class Refusing(http.server.BaseHTTPRequestHandler):
+    """Opens environments and refuses every plot (HTTP 400), as visdom does a message it cannot take."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200 if self.path.startswith("/env/") else 400)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_replay_refused_by_the_server_names_the_line(tmp_path):
+    """A server that answers but refuses a message is not a missing server."""
+    replay_log = tmp_path / "run.visdom"
+    replay_log.write_text('["update", {"eid": "e", "win": "w", "data": []}]\n' * 2)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        with pytest.raises(UserError, match=rf"--replay .*run.visdom:1: the visdom server at http://127.0.0.1:{port} "
+                                            r"refused this message \(HTTP 400\)"):
+            plot.main(["--replay", str(replay_log), "--vis-port", str(port)])
+        server.shutdown()

@@ -1,24 +1,32 @@
 """--visdom against a real visdom server: training and search dashboards, resume, no/dead/hung server, replay."""
 from __future__ import annotations
 
-import contextlib
+import argparse
+import http.server
+import itertools
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
+import torch
 import visdom
+from PIL import Image
 
+from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl
 from models import get_family
 from models.cost import cost_model
 from utils import plot
-from utils.visdom_sink import Dashboard, VisdomSink, merged
+from utils.logger import RunLogger
+from utils.visdom_sink import Dashboard, VisdomSink, free_port, local_server, make_sink, merged
 
 CKPT = "checkpoints/meta_prune"
 PRUNINGNET = "imagenet_mobilenetv2_pruningnet"
@@ -26,45 +34,10 @@ PRUNINGNET = "imagenet_mobilenetv2_pruningnet"
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def visdom_server(env_dir: Path):
-    """A real visdom server on a free loopback port, stopped on exit. Started through run_server.main:
-    ``python -m visdom.server`` first downloads the page's JavaScript, which fails offline."""
-    port = free_port()
-    env_dir.mkdir(parents=True, exist_ok=True)
-    with open(env_dir / "server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", "from visdom.server.run_server import main; main()",
-                                 "-port", str(port), "-bind_local", "-env_path", f"{env_dir}/",
-                                 "-logging_level", "WARNING"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.post(f"http://127.0.0.1:{port}/env_state", data="{}", timeout=1).raise_for_status()
-                break
-            except requests.RequestException:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"visdom server did not start: {(env_dir / 'server.log').read_text()}") from None
-                time.sleep(0.2)
-        yield port, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with visdom_server(tmp_path_factory.mktemp("visdom_server")) as (port, _):
+    """A real visdom server on a free loopback port, started through scripts/visdom_server.sh."""
+    with local_server(tmp_path_factory.mktemp("visdom_server")) as (port, _):
         yield port
 
 
@@ -127,6 +100,32 @@ def test_training_dashboard(pruningnet, client):
     replay_log = [json.loads(line) for line in (pruningnet / "logs" / f"{PRUNINGNET}.visdom").read_text().splitlines()]
     assert {endpoint for endpoint, _ in replay_log} == {"update"}
     assert logged_points(replay_log)[(f"{PRUNINGNET}:lr", legend)] == [r["step"] for r in steps]
+
+
+def test_dashboard_page_loads(pruningnet, server):
+    """The page a person opens: tornado>=6.6 answers it with 403, which no client call notices."""
+    for path in ("/", f"/env/{PRUNINGNET}"):
+        r = requests.get(f"http://127.0.0.1:{server}{path}", timeout=10)
+        assert r.status_code == 200, (path, r.status_code)
+        assert "/static/js/main.js" in r.text and "/static/js/plotly-plotly.min.js" in r.text
+    assert requests.get(f"http://127.0.0.1:{server}/static/js/main.js", timeout=10).status_code == 200
+
+
+def page_scripts_installed() -> bool:
+    return (Path(visdom.__file__).parent / "static" / "js" / "plotly-plotly.min.js").is_file()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None or not page_scripts_installed(),
+                    reason="needs Debian's chromium and scripts/visdom_assets.sh")
+def test_dashboard_screenshot_shows_the_plots(pruningnet, tmp_path):
+    """What a person sees: headless Chromium loads the replayed dashboard and draws its four panes."""
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "dashboard_screenshot.py"), str(shot), "--replay",
+                        str(pruningnet / "logs" / f"{PRUNINGNET}.visdom"), "--size", "1000x800", "--wait-ms", "5000"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"env {PRUNINGNET}, 4 plot panes, 0 text panes" in r.stdout
+    assert Image.open(shot).size == (1000, 800)
 
 
 def test_search_dashboard(pruningnet, client):
@@ -219,6 +218,15 @@ def step_row(epoch: int, step: int) -> dict:
     return {"kind": "step", "epoch": epoch, "step": step, "loss": 1.0 / step, "top1": 50.0, "lr": 0.1, "img_s": 9.0}
 
 
+def run_row(resumed: bool) -> dict:
+    return {"kind": "run", "resumed": resumed}
+
+
+def search_row(iteration: int) -> dict:
+    return {"kind": "search", "iteration": iteration, "scored": iteration, "best_error": 50.0, "best_gene": [1],
+            "best_macs": 2e6, "budget_macs": 3e6, "best_table": "layer", "candidates": [{"error": 50.0, "macs": 2e6}]}
+
+
 def wait_for(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -230,8 +238,7 @@ def test_fresh_run_clears_only_its_own_traces(client, tmp_path):
     env = "fresh_test"
 
     def run(legend: str, rows: list[dict]) -> None:
-        sink = VisdomSink(Dashboard(env, legend, legend, interval=1), "http://127.0.0.1", client.port,
-                          tmp_path / f"{legend}.visdom")
+        sink = VisdomSink(Dashboard(env, legend, legend), "http://127.0.0.1", client.port, tmp_path / f"{legend}.visdom")
         for row in rows:
             sink.record(row)
         sink.close()
@@ -240,25 +247,71 @@ def test_fresh_run_clears_only_its_own_traces(client, tmp_path):
     def loss_x() -> dict[str, list]:
         return {name: t["x"] for name, t in traces(windows(client, env)[f"{env}:loss"]).items()}
 
-    run("a", [step_row(0, s) for s in range(1, 6)])
-    run("b", [step_row(0, s) for s in range(1, 4)])
+    run("a", [run_row(False)] + [step_row(0, s) for s in range(1, 6)])
+    run("b", [run_row(False)] + [step_row(0, s) for s in range(1, 4)])
     assert loss_x() == {"a train": [1, 2, 3, 4, 5], "b train": [1, 2, 3]}
-    run("a", [step_row(0, s) for s in (1, 2)])  # a from scratch again: its old points go
+    run("a", [run_row(False)] + [step_row(0, s) for s in (1, 2)])  # a from scratch again: its old points go
     assert loss_x() == {"a train": [1, 2], "b train": [1, 2, 3]}
-    run("a", [step_row(1, s) for s in (3, 4)])  # resumed at epoch 1: appended
-    assert loss_x() == {"a train": [1, 2, 3, 4], "b train": [1, 2, 3]}
+    run("a", [run_row(True)] + [step_row(0, s) for s in (2, 3)])  # resumed early in epoch 0: appended
+    assert loss_x() == {"a train": [1, 2, 2, 3], "b train": [1, 2, 3]}
+    run("a", [step_row(1, s) for s in (4, 5)])  # a run that does not say: appended, never cleared
+    assert loss_x() == {"a train": [1, 2, 2, 3, 4, 5], "b train": [1, 2, 3]}
+
+
+def test_run_resumed_early_in_epoch_0_appends(images, client):
+    """Resumed before the first plotted step of epoch 0, a run logs the same first step as a fresh one;
+    its run record, not the step, says it resumed, for the live plots and utils.plot alike."""
+    env, legend = "early_resume", "run"
+    args = ("--epochs", "1", "--vis-env", env, "--vis-legend", legend, "--vis-interval", "2")
+    train_prunednet(images, client.port, *args)
+    first = traces(windows(client, env)[f"{env}:loss"])["run train"]["x"]
+    assert first[0] == 2  # a fresh run's first point: the same as the resumed run's below
+    ckpt = images / CKPT / "imagenet_mobilenetv2_prunednet_checkpoint.pth.tar"
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "epoch": 0, "step_in_epoch": 1}, ckpt)  # as if stopped after step 1 of epoch 0
+    train_prunednet(images, client.port, *args, "--resume", f"{CKPT}/imagenet_mobilenetv2_prunednet_checkpoint.pth.tar")
+    loss = traces(windows(client, env)[f"{env}:loss"])
+    assert loss["run train"]["x"] == first + first and len(loss["run val"]["x"]) == 2  # the first run's points kept
+    rows = read_jsonl(images / "logs" / "imagenet_mobilenetv2_prunednet.jsonl")
+    assert [row["resumed"] for row in rows if row["kind"] == "run"] == [False, True]
+    assert plot.last_run(rows) == rows  # the resumed run continues the fresh one
+
+
+def test_each_run_says_whether_it_resumed(tmp_path):
+    """make_sink reads it from the script's own resume flag (a search's --resume is its PruningNet)."""
+    import meta_search_exp
+    import meta_trainer_exp
+
+    names = itertools.count()
+
+    def first_rows(args: argparse.Namespace) -> list[dict]:
+        log = tmp_path / f"{next(names)}.txt"
+        logger = RunLogger(log, sink=make_sink(args, log.stem, log))
+        logger.record("step", **{k: v for k, v in step_row(0, 1).items() if k != "kind"})
+        logger.close()
+        return [{k: v for k, v in row.items() if k in ("kind", "resumed")} for row in read_jsonl(log.with_suffix(".jsonl"))]
+
+    train, search = meta_trainer_exp.get_args_parser(), meta_search_exp.get_args_parser()
+    assert first_rows(train.parse_args([])) == [run_row(False), {"kind": "step"}]
+    assert first_rows(train.parse_args(["--resume", "x.pth.tar"])) == [run_row(True), {"kind": "step"}]
+    assert first_rows(train.parse_args(["--search-resume", "s.pth.tar"]))[0] == run_row(False)  # a gene's search
+    assert first_rows(search.parse_args(["--resume", "pruningnet.pth.tar"]))[0] == run_row(False)
+    assert first_rows(search.parse_args(["--resume", "p.pth.tar", "--search-resume", "s.pth.tar"]))[0] == run_row(True)
+    quiet = RunLogger(tmp_path / "nothing.txt", sink=make_sink(train.parse_args([]), "nothing", tmp_path / "nothing.txt"))
+    quiet.close()  # a run that failed before its first record leaves no start that would hide the run before it
+    assert (tmp_path / "nothing.jsonl").read_text() == ""
 
 
 def test_server_dying_mid_run_warns_once_and_never_blocks(tmp_path, capsys):
-    with visdom_server(tmp_path / "server") as (port, proc):
-        sink = VisdomSink(Dashboard("dying", "run", "run", interval=1), "http://127.0.0.1", port,
+    with local_server(tmp_path / "server") as (port, proc):
+        sink = VisdomSink(Dashboard("dying", "run", "run"), "http://127.0.0.1", port,
                           tmp_path / "run.visdom", request_timeout=1.0, close_timeout=2.0)
         reader = visdom.Visdom(port=port, use_incoming_socket=False, raise_exceptions=True)
         for s in range(1, 4):
             sink.record(step_row(0, s))
         wait_for(lambda: "dying:img_s" in windows(reader, "dying")
                  and len(traces(windows(reader, "dying")["dying:img_s"])["run"]["x"]) == 3)
-        proc.terminate()
+        proc.terminate()  # the script execs the server: its process is the server
         proc.wait(10)
         costs = []
         for s in range(4, 504):
@@ -267,7 +320,7 @@ def test_server_dying_mid_run_warns_once_and_never_blocks(tmp_path, capsys):
             costs.append(time.perf_counter() - start)
         start = time.perf_counter()
         sink.close()
-        assert time.perf_counter() - start < 2.0 + 2 * 1.0 + 1.0
+        assert time.perf_counter() - start < 2.0 + 1.0 + 1.0
     assert not sink._thread.is_alive() and sink.dropped == 0
     assert sorted(costs)[len(costs) // 2] < 0.001 and sum(costs) < 0.5  # a queue put, never a request
     (warning,) = sink.warnings
@@ -278,11 +331,19 @@ def test_server_dying_mid_run_warns_once_and_never_blocks(tmp_path, capsys):
     assert logged_points(replay_log) == {(f"dying:{pane}", name): list(range(1, 504)) for pane, name in series}
 
 
+def test_local_server_stops_its_server(tmp_path):
+    with local_server(tmp_path / "server") as (port, proc):
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+    assert proc.returncode is not None
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+
+
 def test_hung_server_never_blocks(tmp_path):
     with socket.socket() as hung:  # accepts connections, never answers
         hung.bind(("127.0.0.1", 0))
         hung.listen(64)
-        sink = VisdomSink(Dashboard("hung", "run", "run", interval=1), "http://127.0.0.1", hung.getsockname()[1],
+        sink = VisdomSink(Dashboard("hung", "run", "run"), "http://127.0.0.1", hung.getsockname()[1],
                           tmp_path / "run.visdom", request_timeout=0.5, close_timeout=1.0)
         start = time.perf_counter()
         for s in range(1, 201):
@@ -290,19 +351,84 @@ def test_hung_server_never_blocks(tmp_path):
         recorded = time.perf_counter() - start
         sink.close()
         closed = time.perf_counter() - start
-    assert recorded < 1.0 and closed < 0.5 + 1.0 + 2 * 0.5 + 1.0  # blocking calls would take 0.5 s each
+    assert recorded < 1.0 and closed < 0.5 + 1.0 + 0.5 + 1.0  # blocking calls would take 0.5 s each
     assert not sink._thread.is_alive()
     (warning,) = sink.warnings
     assert "no answer in time" in warning
 
 
+class SlowServer(http.server.ThreadingHTTPServer):
+    """Answers every POST like visdom's server, ``delay`` seconds late, and keeps what was posted."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.posted = delay, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(outer.delay)
+                outer.posted.append((self.path.lstrip("/"), json.loads(body)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def points(self) -> dict[tuple[str, str], list]:
+        return logged_points([(endpoint, msg) for endpoint, msg in self.posted if endpoint in ("update", "events")])
+
+
+def test_rows_past_the_queue_limit_are_logged_not_posted(tmp_path):
+    slow = SlowServer(delay=0.3)
+    with slow:
+        sink = VisdomSink(Dashboard("slow", "run", "run"), "http://127.0.0.1", slow.server_address[1],
+                          tmp_path / "run.visdom", max_queue=3)
+        for s in range(1, 101):  # all queued while the sink still waits for the server to open the env
+            sink.record(step_row(0, s))
+        sink.close()
+        slow.shutdown()
+    assert sink.dropped == 97 and not sink._thread.is_alive()
+    (warning,) = sink.warnings
+    assert warning.startswith("97 records were left out of the live plots") and "run.visdom" in warning
+    series = (("loss", "run train"), ("top1", "run train"), ("lr", "run"), ("img_s", "run"))
+    assert slow.points() == {(f"slow:{pane}", name): [1, 2, 3] for pane, name in series}
+    replay_log = [json.loads(line) for line in (tmp_path / "run.visdom").read_text().splitlines()]
+    assert logged_points(replay_log) == {(f"slow:{pane}", name): list(range(1, 101)) for pane, name in series}
+
+
+def test_close_deadline_holds_per_request(tmp_path):
+    """A live server that answers every request just in time cannot make close() outlast its limit:
+    a search row's text pane is one request each, so 40 rows are 40 requests of 0.3 s in one batch."""
+    slow = SlowServer(delay=0.3)
+    with slow:
+        sink = VisdomSink(Dashboard("late", "run", "run"), "http://127.0.0.1", slow.server_address[1],
+                          tmp_path / "run.visdom", request_timeout=1.0, close_timeout=1.0)
+        for it in range(1, 41):
+            sink.record(search_row(it))
+        start = time.perf_counter()
+        sink.close()
+        closed = time.perf_counter() - start
+        slow.shutdown()
+    assert closed < 1.0 + 1.0 + 0.5 and not sink._thread.is_alive()
+    (warning,) = sink.warnings
+    assert "took longer than 1 s for the last plots" in warning
+    assert len(slow.posted) < 12  # the env, then a few requests until the deadline
+    replay_log = [json.loads(line) for line in (tmp_path / "run.visdom").read_text().splitlines()]
+    assert sum(endpoint == "events" for endpoint, _ in replay_log) == 40  # all of them in the log all the same
+
+
 def test_rows_that_queued_up_go_in_one_request_per_trace():
-    fresh = Dashboard("env", "run", "run", interval=1)
-    messages = merged([m for s in (1, 2, 3) for m in fresh.updates(step_row(0, s))])
+    fresh = Dashboard("env", "run", "run")
+    messages = merged([m for row in [run_row(False)] + [step_row(0, s) for s in (1, 2, 3)] for m in fresh.updates(row)])
     loss = [msg for _, msg in messages if msg["win"] == "env:loss"]
     assert [(msg["append"], msg["data"][0]["x"]) for msg in loss] == [(True, []), (False, [1, 2, 3])]  # clear, set
     assert len(messages) == 2 * 4
-    resumed = Dashboard("env", "run", "run", interval=1)
-    messages = merged([m for s in (4, 5) for m in resumed.updates(step_row(1, s))])
-    assert [(msg["append"], msg["data"][0]["x"]) for _, msg in messages] == [(True, [4, 5])] * 4
+    resumed = Dashboard("env", "run", "run")
+    messages = merged([m for row in [run_row(True), step_row(0, 1), step_row(0, 2)] for m in resumed.updates(row)])
+    assert [(msg["append"], msg["data"][0]["x"]) for _, msg in messages] == [(True, [1, 2])] * 4
     assert all(msg["layout"]["xaxis"]["title"] == "step" for _, msg in messages)  # the first carries the layout

@@ -15,34 +15,97 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import requests
 from matplotlib.figure import Figure
 
 from .config import Parser, UserError, run_script
+from .logger import run_start
 
+MAX_DPI = 1000  # an 11 x 7 inch figure is then 11,000 x 7,000 pixels
 VAL_SERIES = {"val_top1": "val", "val_top1_widest": "val widest", "val_top1_middle": "val middle",
               "val_top1_narrowest": "val narrowest"}
+NUMBER = (int, float)
+# The fields each record kind must have (RunLogger's rows), and optional ones, with their types.
+REQUIRED: dict[str, dict[str, Any]] = {
+    "run": {"resumed": bool},
+    "step": {"epoch": int, "step": int, "loss": NUMBER, "top1": NUMBER, "lr": NUMBER, "img_s": NUMBER},
+    "epoch": {"epoch": int},
+    "search": {"iteration": int, "scored": int, "best_error": NUMBER, "best_macs": NUMBER, "candidates": list},
+}
+OPTIONAL: dict[str, dict[str, Any]] = {
+    "epoch": dict.fromkeys(["val_loss", *VAL_SERIES], NUMBER),
+    "search": {"budget_macs": (*NUMBER, type(None))},
+}
+CANDIDATE = {"error": NUMBER, "macs": NUMBER}
+
+
+def _is(value: Any, kind: Any) -> bool:
+    """isinstance, except that JSON's true/false are no numbers (bool subclasses int)."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """What makes a record unusable for the plots (a missing field or one of the wrong type), or None."""
+    kind = row["kind"]
+    required = REQUIRED.get(kind, {})
+    missing = [f for f in required if f not in row]
+    if missing:
+        return f"a {kind} record without {', '.join(missing)}"
+    for fields in (required, OPTIONAL.get(kind, {})):
+        for field, types in fields.items():
+            if field in row and not _is(row[field], types):
+                return f"the {kind} record's {field} is {json.dumps(row[field])[:40]}"
+    if kind == "search":
+        for c in row["candidates"]:
+            if not isinstance(c, dict) or not all(_is(c.get(f), t) for f, t in CANDIDATE.items()):
+                return f"a search candidate without a numeric error and macs: {json.dumps(c)[:40]}"
+    return None
+
+
+def read_text(path: Path, what: str, expected: str) -> str:
+    """The text of a UTF-8 file; a path that is missing, a folder, unreadable or not UTF-8 is a
+    UserError that starts with ``what`` and says what was ``expected``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{what}: is a folder; expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what}: not UTF-8 text (byte {e.start}); expected {expected}") from None
+    except OSError as e:
+        raise UserError(f"{what}: cannot read it ({e.strerror})") from None
+
+
+def json_lines(text: str, what: str, expected: str) -> list[tuple[int, Any]]:
+    """(line number, value) of every line. A partial last line without its newline, which a run
+    killed while appending leaves, is skipped; any other line that is not JSON is a UserError."""
+    lines = text.splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                break
+            raise UserError(f"{what}:{n}: not a JSON line ({e.msg}); expected {expected}") from None
+    return out
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL log; a line that is not a JSON object is an error naming it."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    lines = text.splitlines()
+    """The rows of a JSONL log, checked field by field for their kind; a bad line is an error naming it."""
+    expected = "a JSONL log of a run (logs/*.jsonl)"
     rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines) and not text.endswith("\n"):
-                break  # a run killed while appending leaves a partial last line, without its newline
-            raise UserError(f"{path}:{n}: not a JSON line ({e})") from None
-        if not isinstance(row, dict) or "kind" not in row:
-            raise UserError(f"{path}:{n}: expected a RunLogger record with a 'kind', got {line[:60]!r}")
+    for n, row in json_lines(read_text(path, str(path), expected), str(path), expected):
+        if not isinstance(row, dict) or not isinstance(row.get("kind"), str):
+            raise UserError(f"{path}:{n}: expected a RunLogger record with a 'kind', got {json.dumps(row)[:60]}")
+        problem = row_problem(row)
+        if problem is not None:
+            raise UserError(f"{path}:{n}: {problem}; expected {expected}")
         rows.append(row)
     return rows
 
@@ -50,14 +113,10 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 def last_run(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of the last run started from scratch, and of the runs that resumed it.
 
-    A run from scratch begins with a search iteration 1, or with the first step row of epoch 0
-    (step rows come every ``--vis-interval`` steps, so that step is the smallest of epoch 0 in the
-    log); a resumed run, even one resumed mid-epoch, starts at a later step.
+    Each run's ``run`` record says which it is (``utils.logger.run_start``, the rule the live
+    dashboard follows too); a log without a run from scratch is one run.
     """
-    first_step = min((r["step"] for r in rows if r["kind"] == "step" and r["epoch"] == 0), default=0)
-    starts = [i for i, r in enumerate(rows)
-              if (r["kind"] == "step" and r["epoch"] == 0 and r["step"] <= first_step)
-              or (r["kind"] == "search" and r["iteration"] == 1)]
+    starts = [i for i, r in enumerate(rows) if run_start(r)]
     return rows[starts[-1]:] if starts else rows
 
 
@@ -73,10 +132,6 @@ def training_figure(rows: list[dict[str, Any]], title: str) -> Figure:
     steps, epochs = latest(rows, "step", "step"), latest(rows, "epoch", "epoch")
     if not steps:
         raise UserError(f"{title}: no step records to plot")
-    for r in steps:
-        missing = [f for f in ("loss", "top1", "lr", "img_s") if f not in r]
-        if missing:
-            raise UserError(f"{title}: step {r['step']} has no {', '.join(missing)}; is this a RunLogger log?")
     epoch_end = {}  # the last step of every epoch: where its epoch-level points go
     for r in steps:
         epoch_end[r["epoch"] + 1] = r["step"]
@@ -119,12 +174,13 @@ def search_figure(rows: list[dict[str, Any]], title: str) -> Figure:
     cands = [(c["macs"] / 1e6, 100.0 - c["error"], r["iteration"]) for r in iterations for c in r["candidates"]]
     fig = Figure(figsize=(12, 5), layout="constrained")
     ax, best_ax = fig.subplots(1, 2, width_ratios=(2.2, 1))
-    dots = ax.scatter([c[0] for c in cands], [c[1] for c in cands], c=[c[2] for c in cands], cmap="viridis",
-                      s=22, alpha=0.85, edgecolors="none", label=f"{len(cands)} candidates")
-    fig.colorbar(dots, ax=ax, label="iteration", pad=0.01)
-    front = pareto_front([(c[0], c[1]) for c in cands])
-    front.append((max(c[0] for c in cands), front[-1][1]))  # the best accuracy holds up to the largest cost
-    ax.step(*zip(*front), where="post", color="black", lw=1.2, label="Pareto front")
+    if cands:  # a resumed search that only re-scored known genes logs none
+        dots = ax.scatter([c[0] for c in cands], [c[1] for c in cands], c=[c[2] for c in cands], cmap="viridis",
+                          s=22, alpha=0.85, edgecolors="none", label=f"{len(cands)} candidates")
+        fig.colorbar(dots, ax=ax, label="iteration", pad=0.01)
+        front = pareto_front([(c[0], c[1]) for c in cands])
+        front.append((max(c[0] for c in cands), front[-1][1]))  # the best accuracy holds up to the largest cost
+        ax.step(*zip(*front), where="post", color="black", lw=1.2, label="Pareto front")
     last = iterations[-1]
     ax.scatter([last["best_macs"] / 1e6], [100.0 - last["best_error"]], marker="*", s=220, color="#d62728",
                edgecolors="black", zorder=3, label="best")
@@ -143,48 +199,93 @@ def search_figure(rows: list[dict[str, Any]], title: str) -> Figure:
     return fig
 
 
-def render(log: Path, out_dir: Path, dpi: int = 110) -> list[Path]:
-    """Write the PNGs a log has data for; returns their paths."""
+def figures(log: Path) -> list[tuple[str, Figure]]:
+    """The figures a log has data for, each with its name's suffix (``training``, ``search``)."""
     rows = read_log(log)
     kinds = {r["kind"] for r in rows}
-    figures = []
+    out = []
     if "step" in kinds:
-        figures.append(("training", training_figure(rows, log.stem)))
+        out.append(("training", training_figure(rows, log.stem)))
     if "search" in kinds:
-        figures.append(("search", search_figure(rows, log.stem)))
-    if not figures:
-        raise UserError(f"{log}: no step or search records to plot")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix, fig in figures:
-        path = out_dir / f"{log.stem}_{suffix}.png"
+        out.append(("search", search_figure(rows, log.stem)))
+    if not out:
+        raise UserError(f"{log}: no step or search records to plot; expected a JSONL log of a run (logs/*.jsonl)")
+    return out
+
+
+def check_out(out_dir: Path) -> None:
+    """``--out`` must be a folder, or a path where one can be made, that this process can write into
+    (checked without creating anything)."""
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir else f"cannot be made: {existing} is a file"
+        raise UserError(f"--out {out_dir}: {where}; give a folder for the PNGs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out_dir}: {existing} is not writable; give a writable folder")
+
+
+def save(fig: Figure, path: Path, dpi: int) -> None:
+    """Write one PNG, making its folder (checked by ``check_out``)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path.parent}: cannot make the folder ({e.strerror}); give a writable folder") from None
+    try:
         fig.savefig(path, dpi=dpi)  # a pyplot-free Figure renders with Agg: no backend switch
-        written.append(path)
+    except OSError as e:
+        raise UserError(f"--out: cannot write {path} ({e.strerror}); give a writable folder") from None
+
+
+def render(log: Path, out_dir: Path, dpi: int = 110) -> list[Path]:
+    """Write the PNGs a log has data for; returns their paths."""
+    made = figures(log)
+    check_out(out_dir)
+    written = []
+    for suffix, fig in made:
+        written.append(out_dir / f"{log.stem}_{suffix}.png")
+        save(fig, written[-1], dpi)
     return written
 
 
-def replay(log: Path, server: str, port: int) -> int:
-    """Post every message of visdom's log ``log`` to the server, in order; returns how many."""
+REPLAY_EXPECTED = "visdom's log of a --visdom run (logs/*.visdom)"
+
+
+def read_replay(log: Path) -> list[tuple[int, str, dict]]:
+    """(line number, endpoint, message) of every entry of visdom's log, checked before any is sent."""
+    what = f"--replay {log}"
+    entries = []
+    for n, entry in json_lines(read_text(log, what, REPLAY_EXPECTED), what, REPLAY_EXPECTED):
+        # visdom logs only these two endpoints (Visdom._log), each as [endpoint, message]
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in ("events", "update")
+                and isinstance(entry[1], dict)):
+            raise UserError(f"{what}:{n}: not a visdom log line ([\"update\" or \"events\", {{message}}]), got "
+                            f"{json.dumps(entry)[:60]}")
+        entries.append((n, entry[0], entry[1]))
+    return entries
+
+
+def replay(log: Path, server: str, port: int, entries: list[tuple[int, str, dict]] | None = None) -> int:
+    """Post every message of visdom's log ``log`` to the server, in order; returns how many.
+
+    ``entries`` are the log's checked lines when the caller has read them already (``read_replay``).
+    """
     from .visdom_sink import connect, failure, open_client
 
-    try:
-        lines = log.read_text().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"--replay {log}: no such file") from None
-    entries = []
-    for n, line in enumerate(lines, 1):
-        try:
-            endpoint, msg = json.loads(line)
-        except (json.JSONDecodeError, ValueError, TypeError):
-            raise UserError(f"--replay {log}:{n}: not a visdom log line ([endpoint, message]): {line[:60]!r}") from None
-        entries.append((endpoint, msg))
+    if entries is None:
+        entries = read_replay(log)
     client = open_client(server, port, "main", request_timeout=10.0)
+    n = 0
     try:
-        for env in dict.fromkeys(msg.get("eid") or "main" for _, msg in entries):
+        for env in dict.fromkeys(msg.get("eid") or "main" for _, _, msg in entries):
             connect(client, env)
-        for endpoint, msg in entries:
+        for n, endpoint, msg in entries:
             client._send(msg, endpoint=endpoint, from_log=True)
     except ConnectionError as e:
+        if n and isinstance(e.__context__, requests.HTTPError):
+            raise UserError(f"--replay {log}:{n}: the visdom server at {server}:{port} refused this message "
+                            f"({failure(e)}); expected {REPLAY_EXPECTED}") from None
         raise UserError(f"--replay {log}: no visdom server at {server}:{port} ({failure(e)}); "
                         f"start one with scripts/visdom_server.sh") from None
     finally:
@@ -196,7 +297,7 @@ def get_args_parser() -> Parser:
     p = Parser(prog="python -m utils.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="*", type=Path, help="JSONL logs (logs/*.jsonl) to plot")
     p.flag("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default: plots)")
-    p.flag("--dpi", type=int, default=110, help="PNG resolution (default: 110 dots per inch)")
+    p.flag("--dpi", type=int, default=110, help=f"PNG resolution, 1 to {MAX_DPI} (default: 110 dots per inch)")
     p.flag("--replay", type=Path, default=None, help="visdom log (logs/*.visdom) to play into a server")
     p.flag("--vis-server", default="http://127.0.0.1", help="visdom server address (with --replay)")
     p.flag("--vis-port", type=int, default=8097, help="visdom server port (with --replay)")
@@ -204,16 +305,32 @@ def get_args_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    """Check every input first (nothing is written when one is wrong), then replay and write the PNGs."""
     args = get_args_parser().parse_args(argv)
     if not args.logs and args.replay is None:
         raise UserError("nothing to do: give JSONL logs to plot, or --replay a visdom log")
-    written = [path for log in args.logs for path in render(log, args.out, args.dpi)]
-    for path in written:
-        print(path)
-    if args.replay is not None:
-        count = replay(args.replay, args.vis_server, args.vis_port)
+    if not 1 <= args.dpi <= MAX_DPI:
+        raise UserError(f"--dpi must be from 1 to {MAX_DPI} (dots per inch), got {args.dpi}")
+    if not 1 <= args.vis_port <= 65535:
+        raise UserError(f"--vis-port must be from 1 to 65535, got {args.vis_port}")
+    pngs: dict[Path, tuple[Path, Figure]] = {}
+    for log in args.logs:
+        for suffix, fig in figures(log):
+            path = args.out / f"{log.stem}_{suffix}.png"
+            if path in pngs:
+                raise UserError(f"{pngs[path][0]} and {log} would both be plotted to {path}; "
+                                f"plot them with different --out folders")
+            pngs[path] = (log, fig)
+    entries = read_replay(args.replay) if args.replay is not None else []
+    if pngs:
+        check_out(args.out)
+    if args.replay is not None:  # first: a missing server is then found before any PNG is written
+        count = replay(args.replay, args.vis_server, args.vis_port, entries)
         print(f"replayed {count} messages from {args.replay} into {args.vis_server}:{args.vis_port}")
-    return written
+    for path, (_, fig) in pngs.items():
+        save(fig, path, args.dpi)
+        print(path)
+    return list(pngs)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,37 @@
 """Live visdom dashboards for training and search runs, fed by ``RunLogger`` records.
 
 ``RunLogger.record`` hands every JSONL row to ``VisdomSink.record``, which only queues it: a
-background thread turns rows into plot updates (``Dashboard``) and posts them. A missing, dead,
-hung or wrong server therefore never stops or slows a run: the first failed request prints one
-warning and the sink goes on writing visdom's own log (``logs/{name}.visdom``) without posting.
-Rows that queue up while a slow server catches up are sent together, one request per trace; past
-``max_queue`` queued rows they are dropped (counted, and still in the JSONL log).
+background thread turns rows into plot updates (``Dashboard``), writes them to visdom's own log
+(``logs/{name}.visdom``) and posts them. A missing, dead, hung or wrong server therefore never
+stops or slows a run: the first failed request prints one warning and the sink goes on writing
+the log without posting. Rows that queue up while a slow server catches up are sent together, one
+request per trace; rows that arrive while ``max_queue`` rows wait are only written to the log
+(counted), so the log always holds every plot.
 ``python -m utils.plot --replay logs/{name}.visdom`` plays visdom's log into a server later.
 
 Windows have fixed ids, so a resumed run appends to the panes of the run it continues; a run that
-starts from scratch first clears its own traces (other legends in the env are kept).
+starts from scratch first clears its own traces (other legends in the env are kept). Which one a
+run is, its ``run`` record says (``utils.logger.run_start``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
+import itertools
 import json
 import math
+import os
 import queue
 import re
+import secrets
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,7 @@ import requests
 import visdom
 
 from .config import run_name
+from .logger import Sink, run_start
 
 Message = tuple[str, dict]  # (visdom endpoint, request body)
 
@@ -62,9 +73,11 @@ class Dashboard:
     runs); search panes belong to one search (``name``: its budget), as their budget line does.
     """
 
-    def __init__(self, env: str, legend: str, name: str, interval: int) -> None:
-        self.env, self.legend, self.name, self.interval = env, legend, name, interval
-        self.fresh: bool | None = None  # decided by the first row: a run from scratch, or a resumed one
+    def __init__(self, env: str, legend: str, name: str) -> None:
+        self.env, self.legend, self.name = env, legend, name
+        # Set by the run's ``run`` record; without one, appending is the safe choice: a run that
+        # cannot tell it started from scratch never clears what may be its own earlier points.
+        self.fresh = False
         self.last_step: int | None = None  # epoch points are drawn at the last step of their epoch
         # Search panes are titled by the search; visdom's title bar hides a title that does not fit.
         self.search_tag = name.removeprefix("MetaPruneSearch_")
@@ -74,11 +87,10 @@ class Dashboard:
     def updates(self, row: dict[str, Any]) -> list[Message]:
         """The messages that plot one record (none for kinds the dashboard does not show)."""
         kind = row.get("kind")
-        if self.fresh is None and kind in ("step", "search"):
-            # A run from scratch first logs a step <= interval of epoch 0 (rows come every --vis-interval
-            # steps and at the end of an epoch), or iteration 1; a resumed one, even mid-epoch, starts later.
-            self.fresh = (row["epoch"] == 0 and row["step"] <= self.interval if kind == "step"
-                          else row["iteration"] == 1)
+        start = run_start(row)
+        if start is not None:
+            self.fresh = start
+            return []
         if kind == "step":
             self.last_step = row["step"]
             return [m for field, (pane, suffix) in STEP_SERIES.items()
@@ -221,43 +233,58 @@ def connect(client: _Client, env: str) -> None:
     client._send({"eid": env}, endpoint=f"env/{env}")
 
 
-class VisdomSink:
+def points_only(endpoint: str, msg: dict) -> bool:
+    """Whether a message only appends points to a trace that exists (creates, clears or re-titles
+    nothing), so the live plot stays consistent without it."""
+    return endpoint == "update" and msg["append"] and not msg["layout"]
+
+
+class VisdomSink(Sink):
     """Queues RunLogger rows and plots them from a background thread (see the module docstring).
 
-    ``record`` costs one non-blocking queue put; ``close`` lets the queue drain for at most
-    ``close_timeout`` seconds of posting (the rest only goes to the visdom log), then stops the thread.
+    ``record`` costs one non-blocking queue put; ``close`` lets the queue drain, posting for at most
+    ``close_timeout`` seconds (the rest only goes to the visdom log), then stops the thread.
     """
 
-    def __init__(self, dashboard: Dashboard, server: str, port: int, log_file: Path,
+    def __init__(self, dashboard: Dashboard, server: str, port: int, log_file: Path, resumed: bool | None = None,
                  request_timeout: float = 2.0, close_timeout: float = 5.0, max_queue: int = 10_000) -> None:
+        super().__init__(resumed)
         self.dashboard, self.url, self.log_file = dashboard, f"{server}:{port}", log_file
-        self.close_timeout, self.request_timeout = close_timeout, request_timeout
+        self.close_timeout, self.request_timeout, self.max_queue = close_timeout, request_timeout, max_queue
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self.client = open_client(server, port, dashboard.env, log_file, request_timeout)
         self.online, self.dropped, self.warnings = False, 0, []
-        self._queue: queue.Queue = queue.Queue(max_queue)
+        self._record_lock = threading.Lock()
+        # Unbounded: every row must reach the visdom log. Only posting is slow, and rows past
+        # max_queue are not posted, so the backlog drains at the speed of writing the log.
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="visdom-sink", daemon=True)
         self._thread.start()
 
     def record(self, row: dict[str, Any]) -> None:
-        """Queue one row for plotting; never blocks (a full queue drops the row)."""
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
-            self.dropped += 1
+        """Queue one row for plotting; never blocks. While ``max_queue`` rows wait, the row is only
+        written to the visdom log (``dropped`` from the live plots)."""
+        with self._record_lock:  # one check-and-put at a time: the count is exact whichever threads record
+            post = self._queue.qsize() < self.max_queue
+            if not post:
+                self.dropped += 1
+            self._queue.put((row, post))
 
     def close(self) -> None:
         """Plot what is queued (posting for at most ``close_timeout`` s) and stop the thread."""
         self._deadline = time.monotonic() + self.close_timeout
-        try:
-            self._queue.put(_STOP, timeout=self.close_timeout + self.request_timeout)
-        except queue.Full:
-            self.dropped += 1
-        self._thread.join(self.close_timeout + 2 * self.request_timeout + 1.0)
-        if self.dropped:
-            self._warn(f"{self.dropped} records were not plotted (the server was too slow); "
-                       f"they are in the JSONL log")
+        self._queue.put(_STOP)
+        # The deadline is checked before every request, so one request may start just before it.
+        self._thread.join(self.close_timeout + self.request_timeout + 1.0)
+        if self._thread.is_alive() and self.client.offline:
+            # It only writes the visdom log now (nothing to wait on but the disk): let it finish, so
+            # the log holds every plot however long the backlog.
+            self._thread.join()
+        if self.dropped and not self.client.offline:  # offline, its warning said the live plots stopped
+            self._warn(f"{self.dropped} records were left out of the live plots (the server was too slow); "
+                       f"they are in {self.log_file} (replay: python -m utils.plot --replay {self.log_file}) "
+                       f"and in the JSONL log")
         self.client._session.close()
 
     def _warn(self, msg: str) -> None:
@@ -277,31 +304,132 @@ class VisdomSink:
         except ConnectionError as e:
             self._go_offline(f"no server at {self.url} ({failure(e)})")
         while True:
-            rows = [self._queue.get()]
-            while rows[-1] is not _STOP and len(rows) < BATCH_ROWS:  # what queued up while posting
+            items = [self._queue.get()]
+            while items[-1] is not _STOP and len(items) < BATCH_ROWS:  # what queued up while posting
                 try:
-                    rows.append(self._queue.get_nowait())
+                    items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if self.online and self._deadline is not None and time.monotonic() > self._deadline:
-                self._go_offline(f"the server at {self.url} took longer than {self.close_timeout:g} s "
-                                 f"for the last plots")
-            for endpoint, msg in merged([m for row in rows if row is not _STOP for m in self.dashboard.updates(row)]):
-                try:
-                    self.client._send(msg, endpoint=endpoint)
-                except ConnectionError as e:
-                    self._go_offline(f"lost the server at {self.url} ({failure(e)})")
-            if rows[-1] is _STOP:
+            rows = [item for item in items if item is not _STOP]
+            # Runs of posted and of log-only rows are merged separately, so the log keeps their order.
+            for post, group in itertools.groupby(rows, key=lambda item: item[1]):
+                for endpoint, msg in merged([m for row, _ in group for m in self.dashboard.updates(row)]):
+                    self._emit(endpoint, msg, post)
+            if items[-1] is _STOP:
                 return
 
+    def _emit(self, endpoint: str, msg: dict, post: bool) -> None:
+        """Write one message to the visdom log and, unless it is a dropped row's points, post it."""
+        if self.online and self._deadline is not None and time.monotonic() > self._deadline:
+            self._go_offline(f"the server at {self.url} took longer than {self.close_timeout:g} s "
+                             f"for the last plots")
+        if not post and points_only(endpoint, msg):
+            self.client._log(msg, endpoint)
+            return
+        try:
+            self.client._send(msg, endpoint=endpoint)  # logs it, then posts it unless offline
+        except ConnectionError as e:
+            self._go_offline(f"lost the server at {self.url} ({failure(e)})")
 
-def make_sink(args: argparse.Namespace, name: str, log_path: Path) -> VisdomSink | None:
-    """The sink of a ``--visdom`` run (None without it); for the process that logs (rank 0).
+
+def resumed_run(args: argparse.Namespace) -> bool:
+    """Whether the run continues its own checkpoint: a training script's ``--resume``, the search's
+    ``--search-resume`` (the search's ``--resume`` is the PruningNet that scores, and a training
+    script's ``--search-resume`` names the search a gene comes from). Only the search has a population."""
+    return bool(args.search_resume) if hasattr(args, "population") else bool(args.resume)
+
+
+def make_sink(args: argparse.Namespace, name: str, log_path: Path) -> Sink:
+    """The sink of a run, for the process that logs (rank 0): a VisdomSink with ``--visdom``,
+    else one that plots nothing; either tells RunLogger whether the run is resumed.
 
     Env ``--vis-env`` (default ``{dataset}_{arch}{suffix}``), legend ``--vis-legend`` (default
     ``name``); visdom's log is ``log_path`` with the suffix ``.visdom``.
     """
     if not args.visdom:
-        return None
-    dashboard = Dashboard(args.vis_env or run_name(args), args.vis_legend or name, name, args.vis_interval)
-    return VisdomSink(dashboard, args.vis_server, args.vis_port, Path(log_path).with_suffix(".visdom"))
+        return Sink(resumed_run(args))
+    dashboard = Dashboard(args.vis_env or run_name(args), args.vis_legend or name, name)
+    return VisdomSink(dashboard, args.vis_server, args.vis_port, Path(log_path).with_suffix(".visdom"),
+                      resumed=resumed_run(args))
+
+
+SERVER_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "visdom_server.sh"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (another process may still take it before we do)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started by ``local_server``: its session, so nothing it started is left behind."""
+    if proc.poll() is not None:
+        return  # reaped: its id may belong to another process by now
+    # Not reaped, so the id is still its own even if it has just exited.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def local_server(env_dir: Path, python: str = sys.executable, start_timeout: float = 60.0,
+                 attempts: int = 3) -> Iterator[tuple[int, subprocess.Popen]]:
+    """A visdom server on a free loopback port, started as a user starts one, through
+    scripts/visdom_server.sh, saving environments in ``env_dir`` (its output goes to
+    ``env_dir/server.log``); yields ``(port, process)`` and stops it on exit. The script execs the
+    server, so the process is the server. For tests and scripts/dashboard_screenshot.py.
+    """
+    env_dir.mkdir(parents=True, exist_ok=True)
+    log_path = env_dir / "server.log"
+    env = {**os.environ, "PYTHON": python, "VISDOM_ENV_PATH": str(env_dir)}
+    for _ in range(attempts):
+        port = free_port()
+        # A saved environment only this server loads tells it apart from another process that
+        # took the port between free_port() and the server's bind.
+        token = f"starting_{secrets.token_hex(6)}"
+        (env_dir / f"{token}.json").write_text('{"jsons": {}, "reload": {}}')
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(["bash", str(SERVER_SCRIPT), str(port)], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            ready = _wait_ready(proc, port, token, start_timeout)
+            if ready:
+                requests.post(f"http://127.0.0.1:{port}/delete_env", data=json.dumps({"eid": token}),
+                              timeout=10).raise_for_status()
+        except BaseException:
+            stop_server(proc)
+            raise
+        if ready:
+            break
+        stop_server(proc)
+        (env_dir / f"{token}.json").unlink()
+    else:
+        raise RuntimeError(f"visdom server did not start in {attempts} attempts: {log_path.read_text()[-2000:]}")
+    try:
+        yield port, proc
+    finally:
+        stop_server(proc)
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, token: str, timeout: float) -> bool:
+    """True once our server answers on ``port`` (it lists the ``token`` environment), False if it
+    exited first (the port was taken); RuntimeError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            r = requests.post(f"http://127.0.0.1:{port}/env_state", data="{}", timeout=1)
+            if r.ok and token in r.json():
+                return True
+        except (requests.RequestException, ValueError):
+            pass  # not listening yet, or another program on the port
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the visdom server on port {port} did not answer in {timeout:g} s")
+        time.sleep(0.2)
+    return False
