@@ -8,9 +8,13 @@ candidate is exported as a standalone PrunedNet checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
+import signal
 import sys
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import torch
@@ -23,7 +27,8 @@ from search.evaluator import CandidateEvaluator, cached_batches
 from utils import checkpoint
 from utils.config import (CHECKPOINT_DIR, LOG_DIR, Parser, UserError, add_common_args, dump, parse_args,
                           run_script)
-from utils.distributed import Dist, all_gather, cleanup, setup
+from utils.distributed import Dist, all_gather, any_process, barrier, cleanup, setup
+from utils.engine import StopRequests
 from utils.logger import RunLogger
 from utils.visdom_sink import make_sink
 
@@ -33,16 +38,17 @@ def get_args_parser() -> Parser:
     add_common_args(p)
     p.set_defaults(epochs=20, batch_size=100, width_mult=None)
     p.flag("--resume", default=None, help="trained PruningNet checkpoint (its _best.pth.tar)")
-    p.flag("--search-resume", default=None, help="continue this search checkpoint")
+    p.flag("--search-resume", default=None, help="continue this search checkpoint (same settings, --epochs at "
+                                                 "least its iterations)")
     p.flag("--flops", type=float, default=0.0, help="MACs budget in MMac at this run's input size (0 = none)")
     p.flag("--min-flops", type=float, default=0.0, help="lower MACs bound in MMac (0 = none)")
     p.flag("--params", type=float, default=0.0, help="parameter budget in millions (0 = none)")
     p.flag("--latency", type=float, default=0.0, help="latency budget in ms from the lookup table (0 = none)")
-    p.flag("--build-lut", action="store_true", help="measure the per-layer latency table on this device first "
+    p.flag("--build-lut", action="store_true", help="measure the latency table on this device first "
                                                      "(then search only if --latency is given)")
     p.flag("--lut", default=None, help="latency table path (default checkpoints/meta_prune/latency_{...}.json)")
     p.flag("--lut-batch", type=int, default=1, help="batch size the latency table is measured at")
-    p.flag("--lut-repeats", type=int, default=20, help="timed runs per table entry (the median is kept)")
+    p.flag("--lut-repeats", type=int, default=20, help="timed runs per table entry (the fastest is kept)")
     p.flag("--flops-arch", default=None, help="the PrunedNet arch whose cost is budgeted (default: --arch's family)")
     p.flag("--population", type=int, default=50)
     p.flag("--select-num", type=int, default=10, help="top-k parents kept every iteration")
@@ -50,7 +56,8 @@ def get_args_parser() -> Parser:
     p.flag("--crossover-num", type=int, default=25)
     p.flag("--mutation-prob", type=float, default=0.1, help="per-position probability of a new id")
     p.flag("--recal-batches", type=int, default=20, help="training batches (of --batch-size) for BN recalibration")
-    p.flag("--log", default=None, help="human-readable search log (default logs/MetaPruneSearch_{arch}_flops{N}.txt)")
+    p.flag("--log", default=None, help="human-readable search log (default logs/MetaPruneSearch_{arch}_flops{N}"
+                                       "{suffix}.txt)")
     return p
 
 
@@ -65,8 +72,13 @@ def _validate(args: argparse.Namespace) -> None:
     for name in ("flops", "min_flops", "params", "latency"):
         if getattr(args, name) < 0 or not math.isfinite(getattr(args, name)):
             raise UserError(f"--{name.replace('_', '-')} must be 0 (no bound) or positive, got {getattr(args, name)}")
-    if args.recal_batches < 1:
-        raise UserError(f"--recal-batches must be a positive integer, got {args.recal_batches}")
+    for name, unit in (("flops", "MAC"), ("params", "parameter")):
+        if getattr(args, name) and not millionths(getattr(args, name), round_up=False):
+            raise UserError(f"--{name} {getattr(args, name)} is below 1 {unit} (0.000001 M); give 0 for no "
+                            f"limit or a budget of at least 0.000001")
+    if args.recal_batches < 1 or args.lut_batch < 1 or args.lut_repeats < 1:
+        raise UserError(f"--recal-batches, --lut-batch and --lut-repeats must be positive integers, got "
+                        f"{args.recal_batches}, {args.lut_batch} and {args.lut_repeats}")
     if not (args.resume or args.search_resume or args.dry_run):
         raise UserError("--resume PRUNINGNET_CHECKPOINT is required (the trained PruningNet that scores candidates)")
     try:
@@ -76,16 +88,53 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(str(e).replace("_num", "-num").replace("mutation_prob", "mutation-prob")) from None
 
 
-def budget_label(args: argparse.Namespace) -> str:
-    """The budget as it appears in file names: ``flops1500``, ``flops0`` (no limit), ``flops300.0``."""
-    return f"{args.flops:g}" if args.flops_spelling is None else args.flops_spelling
+def millionths(value: float, round_up: bool) -> int:
+    """``value`` millions as a whole count (MMac → MACs, M → params), from its decimal spelling.
+
+    ``Decimal(repr(value))`` keeps what was typed (``0.3`` is 300000, not 299999.99...); upper
+    bounds round down and lower bounds up, because costs are whole numbers.
+    """
+    units = Decimal(repr(value)) * 1_000_000
+    return math.ceil(units) if round_up else math.floor(units)
 
 
-def search_path(args: argparse.Namespace) -> Path:
-    return CHECKPOINT_DIR / f"MetaPruneSearch_{args.arch}_flops{budget_label(args)}_checkpoint.pth.tar"
+def budget_spelling(args: argparse.Namespace, argv: list[str]) -> str:
+    """The ``--flops`` budget as the user wrote it, for file names: ``1500``, ``300.0``, ``0`` (none).
+
+    From the command line (``--flops 300.0`` or ``--flops=300.0``, the last one wins as in
+    argparse), else from the ``--json`` file's number as written there, else the default.
+    """
+    given = None
+    for i, arg in enumerate(argv):
+        if arg == "--flops" and i + 1 < len(argv):
+            given = argv[i + 1]
+        elif arg.startswith("--flops="):
+            given = arg.split("=", 1)[1]
+    if given is None and args.json:
+        # the number's own text: as floats, 300.00 would come back as 300.0 and 1e3 as 1000.0
+        raw = json.loads(Path(args.json).read_text(), parse_float=str, parse_int=str)
+        given = raw.get("flops")
+    return given.strip() if given is not None else f"{args.flops:g}"
 
 
-def load_pruningnet(args: argparse.Namespace, device: torch.device):
+@dataclass(frozen=True)
+class SearchFiles:
+    """Where a search writes: named ``MetaPruneSearch_{arch}_flops{budget}{suffix}``."""
+
+    budget: str  # the --flops budget as spelled by the user
+    checkpoint: Path
+    log: Path
+
+
+def search_files(args: argparse.Namespace, argv: list[str]) -> SearchFiles:
+    budget = budget_spelling(args, argv)
+    stem = f"MetaPruneSearch_{args.arch}_flops{budget}{args.suffix}"
+    return SearchFiles(budget, CHECKPOINT_DIR / f"{stem}_checkpoint.pth.tar",
+                       Path(args.log) if args.log else LOG_DIR / f"{stem}.txt")
+
+
+def load_pruningnet(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, list[int]]:
+    """The PruningNet of ``--resume`` and where its training was (epoch, step) when saved."""
     state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume")
     if state["arch"] != args.arch:
         raise UserError(f"--resume {args.resume}: holds {state['arch']}, but --arch is {args.arch}")
@@ -95,7 +144,8 @@ def load_pruningnet(args: argparse.Namespace, device: torch.device):
     if args.width_mult not in (None, width):
         raise UserError(f"--width-mult {args.width_mult}: the PruningNet was trained at width {width}")
     args.width_mult, args.small_input = width, state["model_args"]["small_input"]
-    return checkpoint.build_model(state).to(device)
+    trained = [int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0))]
+    return checkpoint.build_model(state).to(device), trained
 
 
 def latency_path(args: argparse.Namespace, device: torch.device) -> Path:
@@ -106,69 +156,144 @@ def latency_path(args: argparse.Namespace, device: torch.device) -> Path:
     return CHECKPOINT_DIR / f"latency_{family}_{name}_{args.input_size}px_w{args.width_mult:g}_bs{args.lut_batch}.json"
 
 
-def build_latency_table(args: argparse.Namespace, net, device: torch.device,
-                        logger: RunLogger) -> latency.LatencyTable:
+def build_latency_table(args: argparse.Namespace, net, device: torch.device, path: Path, logger: RunLogger) -> None:
     """Measure the latency table on this device, check it against whole-network timings, save it."""
-    path = latency_path(args, device)
     logger.info(f"measuring the latency table on {device} (batch {args.lut_batch}) ...")
-    table = latency.build(net.spec, args.input_size, net.num_classes, device, args.lut_batch, args.lut_repeats)
+    table = latency.build(net.spec, args.input_size, net.num_classes, device, args.lut_batch, args.lut_repeats,
+                          width_mult=args.width_mult, small_input=args.small_input)
     layout, rng = net.spec.layout, random.Random(args.seed)
-    genes = [layout.full(), layout.narrowest()] + [layout.sample(rng) for _ in range(8)]
+    # random genes only: the calibration already measured the uniform-width ones (full, narrowest, ...)
+    genes = [layout.sample(rng) for _ in range(8)]
     table.validation = [{"gene": layout.format(g), "lut_ms": table(g, net.spec.bases),
                          "measured_ms": latency.measure(net.materialize(g), args.input_size, device, args.lut_batch,
                                                         args.lut_repeats)}
                         for g in genes]
     table.save(path)
     errors = [abs(v["lut_ms"] / v["measured_ms"] - 1) * 100 for v in table.validation]
-    logger.info(f"latency table saved to {path}; LUT sum vs measured end-to-end on {len(genes)} genes: "
+    logger.info(f"latency table saved to {path}; LUT estimate vs measured end-to-end on {len(genes)} random genes: "
                 f"mean |error| {sum(errors) / len(errors):.1f}%, max {max(errors):.1f}%")
     for v in table.validation:
         logger.info(f"  lut {v['lut_ms']:.3f} ms, measured {v['measured_ms']:.3f} ms: {v['gene']}")
+
+
+def load_latency_table(args: argparse.Namespace, path: Path, net) -> latency.LatencyTable:
+    """The saved latency table, checked to be one of this search's network."""
+    where = f"--lut {path}" if args.lut else f"latency table {path}"
+    if not path.is_file():
+        raise UserError(f"{where}: no such file; measure one with --build-lut")
+    try:
+        table = latency.LatencyTable.load(path)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}; measure a new one with --build-lut") from None
+    wanted = latency.setting(get_family(args.arch).layout.family, args.input_size, args.width_mult, args.small_input,
+                             net.num_classes, args.lut_batch)
+    diffs = [f"{k} {v}" + f" (this search: {wanted[k]})" for k, v in table.setting().items() if v != wanted[k]]
+    if diffs:
+        raise UserError(f"{where}: measured for {', '.join(diffs)}; measure one for this search with --build-lut "
+                        f"(or pass its table with --lut)")
     return table
 
 
-def load_latency_table(args: argparse.Namespace, device: torch.device) -> latency.LatencyTable | None:
-    """The saved latency table when ``--latency`` budgets with one."""
-    if not args.latency:
-        return None
+def latency_table(args: argparse.Namespace, net, device: torch.device, dist_info: Dist,
+                  log_file: Path) -> latency.LatencyTable | None:
+    """The table ``--latency`` budgets with; with ``--build-lut`` rank 0 measures and saves it first,
+    then every process loads that one file (so all of them budget with the same numbers)."""
     path = latency_path(args, device)
-    if not path.is_file():
-        raise UserError(f"--latency {args.latency}: no latency table at {path}; measure one with --build-lut")
-    return latency.LatencyTable.load(path)
+    if args.build_lut:
+        if dist_info.main:
+            checkpoint.check_writable(CHECKPOINT_DIR, log_file.parent)
+            logger = open_logger(args, log_file, dist_info)
+            try:
+                build_latency_table(args, net, device, path, logger)
+            finally:
+                logger.close()
+        barrier()
+    return load_latency_table(args, path, net) if args.latency or args.build_lut else None
 
 
 def feasibility(args: argparse.Namespace, layout, costs, table) -> evolution.Feasibility:
     """The budget as a feasibility test; an unreachable budget is an immediate error."""
-    budget = evolution.Budget(max_macs=int(args.flops * 1e6) or None, min_macs=int(args.min_flops * 1e6) or None,
-                              max_params=int(args.params * 1e6) or None, max_latency=args.latency or None)
+    budget = evolution.Budget(max_macs=millionths(args.flops, round_up=False) or None,
+                              min_macs=millionths(args.min_flops, round_up=True) or None,
+                              max_params=millionths(args.params, round_up=False) or None,
+                              max_latency=args.latency or None)
     bases = costs.spec.bases
     feasible = evolution.Feasibility(budget, costs, (lambda g: table(g, bases)) if table is not None else None)
     try:
         feasible.check(layout)
     except ValueError as e:
-        for field, flag in (("max_macs", "--flops"), ("min_macs", "--min-flops"), ("max_params", "--params"),
-                            ("max_latency", "--latency")):
-            e = str(e).replace(field, flag)
-        raise UserError(f"budget cannot be met: {e}") from None
+        raise UserError(f"budget cannot be met: {flag_names(str(e))}") from None
     return feasible
 
 
+def flag_names(message: str) -> str:
+    """A budget error from ``search.evolution`` in the flags' words."""
+    for field, flag in (("max_macs", "--flops"), ("min_macs", "--min-flops"), ("max_params", "--params"),
+                        ("max_latency", "--latency")):
+        message = message.replace(field, flag)
+    return message
+
+
+# Flags whose values change the candidates' scores or the evolution: a resumed search must keep them.
+RESUME_FLAGS = ("dataset", "input_size", "width_mult", "batch_size", "recal_batches", "val_per_class", "seed",
+                "population", "select_num", "mutation_num", "crossover_num", "mutation_prob")
+
+
+def search_settings(args: argparse.Namespace, trained: list[int]) -> dict:
+    """What a resumed search is checked against (``trained``: the PruningNet's epoch and step)."""
+    return {**{name: getattr(args, name) for name in RESUME_FLAGS},
+            "resume": str(Path(args.resume).resolve()), "pruningnet_trained": trained}
+
+
 def resumed_search(args: argparse.Namespace) -> dict | None:
+    """The ``--search-resume`` checkpoint, checked for arch, budget and ``--epochs``."""
     if not args.search_resume:
         return None
+    where = f"--search-resume {args.search_resume}"
     state = checkpoint.load(args.search_resume, checkpoint.SEARCH, "--search-resume")
     if state["arch"] != args.arch:
-        raise UserError(f"--search-resume {args.search_resume}: a search over {state['arch']}, not {args.arch}")
+        raise UserError(f"{where}: a search over {state['arch']}, not {args.arch}")
     budget = search_budget(args)
     if state["budget"] != budget:
-        raise UserError(f"--search-resume {args.search_resume}: the search ran under budget {state['budget']}, "
-                        f"not {budget}; resume it with the same --flops/--min-flops/--params/--latency")
+        raise UserError(f"{where}: the search ran under budget {state['budget']}, not {budget}; resume it with the "
+                        f"same --flops/--min-flops/--params/--latency")
+    if args.epochs < state["iter"]:
+        raise UserError(f"{where}: the search has done {state['iter']} iterations, more than --epochs {args.epochs}; "
+                        f"give --epochs {state['iter']} to report its result, or more to continue it")
     args.resume = args.resume or state["pruningnet"]
     return state
 
 
+def check_resume_settings(args: argparse.Namespace, resumed: dict, settings: dict) -> None:
+    """A resumed search must score and evolve as it began: the flags of ``RESUME_FLAGS``, the same
+    PruningNet file, and that file not trained further since."""
+    where = f"--search-resume {args.search_resume}"
+    saved = resumed.get("settings", {})
+    for key, value in settings.items():
+        if key not in saved or saved[key] == value:
+            continue
+        if key == "pruningnet_trained":
+            raise UserError(f"{where}: the PruningNet {args.resume} was at epoch {saved[key][0]} step "
+                            f"{saved[key][1]} when the search began and is now at epoch {value[0]} step {value[1]}; "
+                            f"resume with the PruningNet the search used (or start a new search)")
+        flag = "--" + key.replace("_", "-")
+        raise UserError(f"{where}: the search ran with {flag} {saved[key]}, this run has {flag} {value}; resume "
+                        f"with {flag} {saved[key]} (or start a new search without --search-resume)")
+
+
 def search_budget(args: argparse.Namespace) -> dict[str, float]:
     return {"flops": args.flops, "min_flops": args.min_flops, "params": args.params, "latency": args.latency}
+
+
+def initial_state(args: argparse.Namespace, layout, feasible: evolution.Feasibility,
+                  resumed: dict | None) -> evolution.SearchState:
+    """The resumed state, or a first population sampled before anything is written."""
+    if resumed is not None:
+        return evolution.SearchState.from_dict(resumed["state"])
+    try:
+        return evolution.init_state(layout, random.Random(args.seed), feasible, args.population)
+    except ValueError as e:
+        raise UserError(f"budget cannot be met: {flag_names(str(e))}; widen --flops/--min-flops") from None
 
 
 def main(argv: list[str] | None = None) -> list:
@@ -177,44 +302,44 @@ def main(argv: list[str] | None = None) -> list:
         raise UserError("'-arch' is not a flag: write --flops-arch (the README's MobileNetV2 search command has a "
                         "stray space in '--flops -arch')")
     args = parse_args(get_args_parser(), argv, _validate)
-    args.flops_spelling = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--flops"), None)
     if args.dry_run:
         print(dump(args))
         return []
+    files = search_files(args, argv)
     dist_info, device = setup(args)
     resumed = resumed_search(args)
-    net = load_pruningnet(args, device)
+    net, trained = load_pruningnet(args, device)
+    settings = search_settings(args, trained)
+    if resumed is not None:
+        check_resume_settings(args, resumed, settings)
     layout = get_family(args.arch).layout
     costs = cost_model(args.flops_arch, args.input_size, net.num_classes, args.width_mult, args.small_input)
-    ckpt_path = search_path(args)
-    log_file = Path(args.log) if args.log else LOG_DIR / f"{ckpt_path.name.replace('_checkpoint.pth.tar', '')}.txt"
-    if args.build_lut:
-        logger = open_logger(args, log_file, dist_info)
-        try:
-            table = build_latency_table(args, net, device, logger)
-        finally:
-            logger.close()
-        if not args.latency:
-            cleanup()
-            return []
-    else:
-        table = load_latency_table(args, device)
+    table = latency_table(args, net, device, dist_info, files.log)
+    if args.build_lut and not args.latency:
+        cleanup()
+        return []
     feasible = feasibility(args, layout, costs, table)
-    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=True)
+    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=True,
+                    defer_split=True)
+    state = initial_state(args, layout, feasible, resumed)
     recal = fixed_batches(data.train_eval, args.recal_batches, args.batch_size, args.seed)
     evaluator = CandidateEvaluator(net, recal, cached_batches(
         make_loader(data.subval, args.batch_size, False, args.workers), device), device)
-    logger = open_logger(args, log_file, dist_info)
+    checkpoint.check_writable(CHECKPOINT_DIR, files.log.parent)
+    if dist_info.main:
+        data.save_split()
+    logger = open_logger(args, files.log, dist_info)
     try:
-        state = run_search(args, layout, costs, feasible, evaluator, resumed, ckpt_path, logger, dist_info)
+        state = run_search(args, state, settings, layout, costs, feasible, evaluator, files, logger, dist_info,
+                           device)
         best = state.best()
         logger.info(f"{'rank':>4} {'top-1 err':>9} {'MMac':>9} {'M params':>8}  gene")
         for rank, (g, e) in enumerate(best[: args.select_num]):
             c = costs(g)
             logger.info(f"{rank:>4} {e:>9.2f} {c.macs / 1e6:>9.2f} {c.params / 1e6:>8.3f}  {layout.format(g, e)}")
         if dist_info.main:
-            export = export_best(net, best[0][0], best[0][1], evaluator.recal, args, costs, ckpt_path)
-            logger.info(f"search checkpoint {ckpt_path}; best PrunedNet exported to {export}")
+            export = export_best(net, best[0][0], best[0][1], evaluator.recal, args, costs, files.checkpoint)
+            logger.info(f"search checkpoint {files.checkpoint}; best PrunedNet exported to {export}")
             logger.info(format_table(channel_table(net.spec, best[0][0], net.num_classes)))
     finally:
         logger.close()
@@ -225,61 +350,92 @@ def main(argv: list[str] | None = None) -> list:
 
 def open_logger(args: argparse.Namespace, log_file: Path, dist_info: Dist) -> RunLogger:
     """The search log (rank 0 only), opened once the input has been checked."""
-    checkpoint.check_writable(CHECKPOINT_DIR, log_file.parent)
     logger = RunLogger(log_file, enabled=dist_info.main,
                        sink=make_sink(args, log_file.stem, log_file) if dist_info.main else None)
     logger.info(f"config {dump(args)}")
     return logger
 
 
-def run_search(args: argparse.Namespace, layout, costs, feasible: evolution.Feasibility,
-               evaluator: CandidateEvaluator, resumed: dict | None, ckpt_path: Path,
-               logger: RunLogger, dist_info: Dist) -> evolution.SearchState:
+class _Interrupted(Exception):
+    """A stop signal reached some process: the iteration under way is abandoned."""
+
+
+def run_search(args: argparse.Namespace, state: evolution.SearchState, settings: dict, layout, costs,
+               feasible: evolution.Feasibility, evaluator: CandidateEvaluator, files: SearchFiles, logger: RunLogger,
+               dist_info: Dist, device: torch.device) -> evolution.SearchState:
     """Run (or continue) the evolution, saving the search checkpoint and logging after every iteration.
 
     Every process runs the same evolution (same seed, same RNG); the candidates of an iteration are
     scored in shards, one per process, and the errors gathered, so the result does not depend on
-    the number of processes.
+    the number of processes. SIGINT/SIGTERM abandon the iteration under way (at the next candidate)
+    and exit with 128 + the signal; the checkpoint of the last finished iteration resumes it.
     """
-    rng = random.Random(args.seed)
-    if resumed is not None:
-        state = evolution.SearchState.from_dict(resumed["state"])
+    if args.search_resume:
         logger.info(f"resumed {args.search_resume} after iteration {state.iteration}")
-    else:
-        state = evolution.init_state(layout, rng, feasible, args.population)
+    elif len(state.population) < args.population:
+        logger.info(f"only {len(state.population)} distinct genes within the budget found for the first population "
+                    f"of {args.population}; the search goes on with them")
+    rng = random.Random()
     rng.setstate(state.rng_state)
     recorded = len(state.scores)
+    last_saved = args.search_resume
+    rank, world = dist_info.rank, dist_info.world_size
 
-    def score(genes: list[Gene]) -> list[float]:
-        mine = [100.0 - evaluator.top1(g) for g in genes[dist_info.rank::dist_info.world_size]]
-        shards = all_gather(mine)
-        return [shards[i % dist_info.world_size][i // dist_info.world_size] for i in range(len(genes))]
+    with StopRequests() as stop:
+        def check_stop() -> None:
+            # one exchange decides for every process, so all of them stop at the same candidate
+            if any_process([stop.signal is not None], device)[0]:
+                raise _Interrupted
 
-    def save(s: evolution.SearchState) -> None:
-        nonlocal recorded
-        if dist_info.main:
-            checkpoint.save(search_state(args, s, layout, costs, evaluator.net.num_classes), ckpt_path)
-        new, recorded = list(s.scores.items())[recorded:], len(s.scores)
-        gene, err = s.best(1)[0]
-        cost = costs(gene)
-        logger.info(f"iteration {s.iteration}/{args.epochs}: {len(s.scores)} scored; best top-1 error {err:.2f} "
-                    f"{cost.macs / 1e6:.2f} MMac {cost.params / 1e6:.3f} M {layout.format(gene)}")
-        logger.record("search", iteration=s.iteration, scored=len(s.scores), best_error=err,
-                      best_gene=layout.format(gene), best_macs=cost.macs, budget_macs=feasible.budget.max_macs,
-                      best_table=format_table(channel_table(evaluator.net.spec, gene, evaluator.net.num_classes)),
-                      candidates=[{"gene": layout.format(g), "error": e, "macs": costs(g).macs} for g, e in new])
+        def score(genes: list[Gene]) -> list[float]:
+            mine = []
+            for start in range(0, len(genes), world):  # the same number of rounds on every process
+                check_stop()
+                if start + rank < len(genes):
+                    mine.append(100.0 - evaluator.top1(genes[start + rank]))
+            shards = all_gather(mine)
+            return [shards[i % world][i // world] for i in range(len(genes))]
 
-    return evolution.run(state, layout, rng, feasible, score, args.epochs, on_step=save,
-                         population=args.population, select_num=args.select_num, mutation_num=args.mutation_num,
-                         crossover_num=args.crossover_num, mutation_prob=args.mutation_prob)
+        def save(s: evolution.SearchState) -> None:
+            nonlocal recorded, last_saved
+            if dist_info.main:
+                checkpoint.save(search_state(args, s, files.budget, settings, layout, costs,
+                                             evaluator.net.num_classes), files.checkpoint)
+            last_saved = str(files.checkpoint)
+            new, recorded = list(s.scores.items())[recorded:], len(s.scores)
+            gene, err = s.best(1)[0]
+            cost = costs(gene)
+            logger.info(f"iteration {s.iteration}/{args.epochs}: {len(s.scores)} scored; best top-1 error {err:.2f} "
+                        f"{cost.macs / 1e6:.2f} MMac {cost.params / 1e6:.3f} M {layout.format(gene)}")
+            if len(s.population) < args.population and s.iteration < args.epochs:
+                logger.info(f"only {len(s.population)} new genes within the budget for the next population of "
+                            f"{args.population}: the budget admits few genes not scored yet")
+            logger.record("search", iteration=s.iteration, scored=len(s.scores), best_error=err,
+                          best_gene=layout.format(gene), best_macs=cost.macs, budget_macs=feasible.budget.max_macs,
+                          best_table=format_table(channel_table(evaluator.net.spec, gene, evaluator.net.num_classes)),
+                          candidates=[{"gene": layout.format(g), "error": e, "macs": costs(g).macs} for g, e in new])
+            check_stop()
+
+        try:
+            return evolution.run(state, layout, rng, feasible, score, args.epochs, on_step=save,
+                                 population=args.population, select_num=args.select_num,
+                                 mutation_num=args.mutation_num, crossover_num=args.crossover_num,
+                                 mutation_prob=args.mutation_prob)
+        except _Interrupted:
+            signum = stop.signal or signal.SIGTERM  # another process was signalled
+            how = (f"resume with the same flags plus --search-resume {last_saved}" if last_saved else
+                   "no iteration had finished, so there is nothing to resume: run the same command again")
+            logger.info(f"stopped by signal {signum}; {how}")
+            raise SystemExit(128 + signum) from None
 
 
-def search_state(args: argparse.Namespace, s: evolution.SearchState, layout, costs, num_classes: int) -> dict:
+def search_state(args: argparse.Namespace, s: evolution.SearchState, budget_name: str, settings: dict, layout,
+                 costs, num_classes: int) -> dict:
     """The search checkpoint: resumable state plus the candidates, best first, in the README's gene form."""
     best = s.best()
     return {"format": checkpoint.FORMAT, "kind": checkpoint.SEARCH, "arch": args.arch, "flops_arch": args.flops_arch,
-            "dataset": args.dataset, "budget_name": budget_label(args),
-            "budget": search_budget(args),
+            "dataset": args.dataset, "budget_name": budget_name, "suffix": args.suffix,
+            "budget": search_budget(args), "settings": settings,
             "iter": s.iteration, "epochs": args.epochs, "candidates": [layout.format(g, e) for g, e in best],
             "macs": [costs(g).macs for g, _ in best], "params": [costs(g).params for g, _ in best],
             "state": s.to_dict(), "pruningnet": str(args.resume), "input_size": args.input_size,

@@ -75,7 +75,7 @@ def validate_gene_args(args: argparse.Namespace) -> None:
         _parse_gene(args.arch, args.gene)
     if args.search_resume and not args.suffix:
         # name the retrained run after the search's budget, as the README's checkpoint names do
-        match = re.search(r"_flops([^_/]+)_checkpoint", Path(args.search_resume).name)
+        match = re.search(r"_flops(\d+(?:\.\d+)?)", Path(args.search_resume).name)
         args.suffix = f"_flops{match.group(1)}" if match else ""
 
 

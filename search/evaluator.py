@@ -15,6 +15,13 @@ from utils.engine import evaluate
 
 
 class CandidateEvaluator:
+    """Scores genes with the PruningNet's generated weights.
+
+    ``reduce=True`` is for evaluation batches that are this process's shard of the set (PruningNet
+    training's ``--valuate`` under torchrun): the counts are summed over all processes. The search
+    shards candidates instead and gives every process the whole set, so it leaves ``reduce`` off.
+    """
+
     def __init__(self, pruningnet: PruningNet, recal_batches: Sequence[torch.Tensor],
                  eval_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                  reduce: bool = False) -> None:

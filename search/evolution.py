@@ -100,29 +100,49 @@ class Feasibility:
 
 
 def _repair(gene: Gene, layout: GeneLayout, rng: random.Random, feasible: Feasibility) -> Gene:
-    """Lower random free positions by random amounts while ``gene`` breaks an upper bound.
+    """Lower ``gene`` one id at a time, in a random order, until it meets the upper bounds.
 
-    Ends at the latest at the narrowest gene; the result may still be infeasible (below
-    ``min_macs``, or the budget is below the narrowest gene) and is then discarded by the caller.
+    The gene's ids are taken as units (position ``p`` holds ``gene[p]`` of them); a random order of
+    all units is drawn and they are removed one by one, so every step lowers one position by one
+    id, a position chosen with probability proportional to its current id. The walk stops at the
+    first gene within the upper bounds: a gene at the budget's boundary that keeps the random
+    gene's shape, instead of one collapsed towards the narrowest gene. MACs and params only fall
+    along the walk, so that first gene is found by bisection over the order (about
+    ``log2(sum(ids))`` cost evaluations; a latency estimate that does not fall strictly may stop
+    the bisection a little further down, still within the bounds). The result may still be
+    infeasible (below ``min_macs``) and is then discarded by the caller.
     """
-    ids = list(gene)
-    free = layout.free_positions()
-    while feasible.exceeds(tuple(ids)):
-        lowerable = [p for p in free if ids[p] > 0]
-        if not lowerable:
-            break
-        pos = rng.choice(lowerable)
-        ids[pos] = rng.randrange(ids[pos])
-    return tuple(ids)
+    if not feasible.exceeds(gene):
+        return gene
+    units = [p for p in layout.free_positions() for _ in range(gene[p])]
+    rng.shuffle(units)
+
+    def lowered(k: int) -> Gene:
+        ids = list(gene)
+        for p in units[:k]:
+            ids[p] -= 1
+        return tuple(ids)
+
+    low, high = 0, len(units)  # lowered(low) breaks an upper bound; lowered(high) is the narrowest
+    if feasible.exceeds(lowered(high)):
+        return lowered(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if feasible.exceeds(lowered(mid)):
+            low = mid
+        else:
+            high = mid
+    return lowered(high)
 
 
 def sample_feasible(layout: GeneLayout, rng: random.Random, feasible: Feasibility, n: int,
                     exclude: Iterable[Gene] = frozenset(), max_tries: int | None = None) -> list[Gene]:
-    """``n`` distinct feasible genes not in ``exclude``.
+    """Up to ``n`` distinct feasible genes not in ``exclude``.
 
     Each try draws a uniform gene and repairs it if over an upper bound, so tight budgets, where
     uniform genes are almost never feasible, still fill quickly. ``max_tries`` (default ``100 * n``)
-    bounds the tries; running out raises ``ValueError``.
+    bounds the tries: where the budget admits few genes, or nearly all of them were already
+    scored, fewer than ``n`` come back (possibly none) and the caller decides.
     """
     if n < 0:
         raise ValueError(f"number of genes to sample must be >= 0, got {n}")
@@ -136,9 +156,6 @@ def sample_feasible(layout: GeneLayout, rng: random.Random, feasible: Feasibilit
         if gene not in seen and feasible(gene):
             seen.add(gene)
             out.append(gene)
-    if len(out) < n:
-        raise ValueError(f"found only {len(out)} of {n} new feasible genes in {max_tries} tries: the budget band "
-                         f"is too narrow (or nearly every gene in it was already scored)")
     return out
 
 
@@ -176,7 +193,7 @@ def mutate(parents: Sequence[Gene], layout: GeneLayout, rng: random.Random, n: i
     return _breed(child, n if parents else 0, feasible, exclude, parents, max_tries)
 
 
-def crossover(parents: Sequence[Gene], layout: GeneLayout, rng: random.Random, n: int, feasible: Feasible,
+def crossover(parents: Sequence[Gene], rng: random.Random, n: int, feasible: Feasible,
               exclude: Iterable[Gene] = frozenset(), max_tries: int | None = None) -> list[Gene]:
     """Up to ``n`` children, each taking every position from one of two distinct random parents."""
     parents = list(dict.fromkeys(parents))  # crossing a gene with itself only gives that gene back
@@ -228,10 +245,18 @@ class SearchState:
 
 
 def init_state(layout: GeneLayout, rng: random.Random, feasible: Feasibility, population: int) -> SearchState:
-    """A fresh search whose first population is ``population`` random feasible genes."""
+    """A fresh search whose first population is up to ``population`` random feasible genes.
+
+    Fewer come back when the budget admits fewer distinct genes than ``population`` (or the
+    sampler cannot find them in its tries); none at all raises ``ValueError``.
+    """
     if population < 1:
         raise ValueError(f"population must be >= 1, got {population}")
-    genes = sample_feasible(layout, rng, feasible, population)
+    tries = 100 * population
+    genes = sample_feasible(layout, rng, feasible, population, max_tries=tries)
+    if not genes:
+        raise ValueError(f"found no gene within the budget in {tries} random tries: the band between the lower "
+                         f"and upper bounds is too narrow")
     return SearchState(iteration=0, population=genes, scores={}, top=[], rng_state=rng.getstate())
 
 
@@ -256,7 +281,10 @@ def step(state: SearchState, layout: GeneLayout, rng: random.Random, feasible: F
     """One iteration: score the new genes of ``state.population``, select, breed and refill.
 
     ``score_fn`` gets one batch (so the caller can shard it) of genes never scored before and is
-    skipped when there are none. Returns a new state; ``state`` is left unchanged.
+    skipped when there are none. Where the budget admits few genes not scored yet, the next
+    population is smaller than ``population`` (empty once every reachable gene was scored): the
+    search goes on with what is left rather than failing. Returns a new state; ``state`` is left
+    unchanged.
     """
     check_step_args(population, select_num, mutation_num, crossover_num, mutation_prob)
     new = [g for g in dict.fromkeys(state.population) if g not in state.scores]
@@ -273,7 +301,7 @@ def step(state: SearchState, layout: GeneLayout, rng: random.Random, feasible: F
     taken = set(scores)
     children = mutate(top, layout, rng, mutation_num, mutation_prob, feasible, taken)
     taken.update(children)
-    children += crossover(top, layout, rng, crossover_num, feasible, taken)
+    children += crossover(top, rng, crossover_num, feasible, taken)
     taken.update(children)
     children += sample_feasible(layout, rng, feasible, population - len(children), exclude=taken)
     return SearchState(iteration=state.iteration + 1, population=children, scores=scores, top=top,

@@ -1,45 +1,90 @@
-"""Latency lookup table: per-layer latency measured on this device, summed to estimate a gene's.
+"""Latency lookup table: per-layer latencies measured on this device, summed and calibrated.
 
 MetaPruning's paper budgets latency with a table of per-layer latencies; no implementation was
-released. Here every distinct conv (kernel, stride, depthwise, input size, base widths) is timed
-as conv → BN → activation in eval mode on a grid of channel counts (the gene ids in ``GRID`` for
-its input and output slot), and a gene's latency is the sum of its layers' latencies, each
-bilinearly interpolated in (input channels, output channels), plus the measured cost of the
-parts no gene changes (pooling, classifier). ``compare`` reports how close that sum comes to
-end-to-end measurements of whole PrunedNets.
+released. Here the table holds:
+
+- every distinct conv (kernel, stride, depthwise, input size, activation, base widths), timed as
+  conv → BN → activation in eval mode on a grid of channel counts (the gene ids of ``GRID`` for
+  its input and output slot); a gene's channels are bilinearly interpolated between grid points;
+- every block's tail (residual add, the activation after it, the stem's max-pool), timed on the
+  same grid of its output channels;
+- pooling + classifier, timed once (no gene changes them).
+
+Their sum, the *raw* estimate, leaves out what only shows in a whole network (most likely: a layer
+timed alone, again and again, keeps its weights and input in cache, which inside a network it
+mostly cannot; and the module calls in between take time). On a CPU, whole networks took 1.3-1.9x
+their raw sum, a ratio that changes with the width. So the table also times whole PrunedNets of
+the uniform-width genes (every free position at one id of ``GRID``, the narrowest gene to the
+full one) and maps a raw sum to a latency by interpolating those measurements: piecewise linear
+in the raw sum, and proportional beyond the first and last. ``benchmarks/latency_lut.py``
+reports how close the result comes to end-to-end measurements of random genes.
+
+Every timing is the fastest of ``repeats`` runs: other work on the machine only ever adds time.
 """
 from __future__ import annotations
 
 import bisect
 import json
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from models import ArchSpec, Gene, PrunedNet
-from models.gene import channels
-from models.layers import IMAGE_CHANNELS, IMAGE_SLOT, ConvSpec, _ConvBN, conv_out_size
+from models.gene import FULL_ID, channels
+from models.layers import _ACTIVATIONS, IMAGE_CHANNELS, IMAGE_SLOT, BlockSpec, ConvSpec, _ConvBN, conv_out_size
 
 GRID = (0, 5, 10, 15, 20, 25, 30)
+VERSION = 2  # tables of another layout are refused, not misread
+Clock = Callable[[], float]
+
+
+def setting(arch: str, input_size: int, width_mult: float, small_input: bool, num_classes: int,
+            batch_size: int) -> dict:
+    """What a table was measured for; it is only valid for a search with the same values."""
+    return {"arch": arch, "input_size": input_size, "width_mult": width_mult, "small_input": small_input,
+            "num_classes": num_classes, "batch_size": batch_size}
 
 
 @dataclass
 class LatencyTable:
-    """Milliseconds per conv signature on a grid of (input, output) channel counts."""
+    """Milliseconds per layer signature on a grid of channel counts, and the whole-network calibration."""
 
-    device: str
+    arch: str                         # the family: resnet50 or mobilenetv2
     input_size: int
+    width_mult: float
+    small_input: bool
+    num_classes: int
     batch_size: int
+    device: str                       # where it was measured (a table may be used on another device)
     fixed_ms: float                   # pooling + classifier: the same for every gene
-    layers: list[dict]                # per conv of the spec: {"key", "in_slot", "out_slot"}
+    layers: list[dict]                # per timed part, in spec order: {"key", "in_slot", "out_slot"}
     tables: dict[str, dict]           # key -> {"cin": [...], "cout": [...], "ms": [[...]]}
-    validation: list[dict] = field(default_factory=list)  # LUT sum vs measured for a few genes
+    calibration: list[dict]           # uniform-width genes: {"id", "lut_ms" (raw sum), "measured_ms"}
+    validation: list[dict] = field(default_factory=list)  # estimate vs measured for a few random genes
+    version: int = VERSION
 
-    def __call__(self, gene: Gene, bases: tuple[int, ...]) -> float:
+    def __post_init__(self) -> None:
+        points = sorted((c["lut_ms"], c["measured_ms"]) for c in self.calibration)
+        # a wider network is never faster: noise that says otherwise is flattened, keeping the
+        # estimate monotone in the raw sum
+        self._raw: list[float] = []
+        self._ms: list[float] = []
+        for raw, ms in points:
+            if self._raw and raw <= self._raw[-1]:
+                continue
+            self._raw.append(raw)
+            self._ms.append(max(ms, self._ms[-1]) if self._ms else ms)
+
+    def setting(self) -> dict:
+        return setting(self.arch, self.input_size, self.width_mult, self.small_input, self.num_classes,
+                       self.batch_size)
+
+    def raw(self, gene: Gene, bases: tuple[int, ...]) -> float:
+        """The sum of the gene's table entries (ms), before calibration."""
         total = self.fixed_ms
         for layer in self.layers:
             t = self.tables[layer["key"]]
@@ -49,14 +94,58 @@ class LatencyTable:
             total += _bilinear(t["cin"], t["cout"], t["ms"], cin, cout)
         return total
 
+    def __call__(self, gene: Gene, bases: tuple[int, ...]) -> float:
+        """The estimated latency (ms) of the PrunedNet of ``gene``."""
+        return self.calibrated(self.raw(gene, bases))
+
+    def calibrated(self, raw: float) -> float:
+        """A raw sum mapped onto the whole-network measurements of the calibration genes."""
+        if raw <= self._raw[0]:
+            return raw * self._ms[0] / self._raw[0]
+        if raw >= self._raw[-1]:
+            return raw * self._ms[-1] / self._raw[-1]
+        j = bisect.bisect_right(self._raw, raw) - 1
+        a = (raw - self._raw[j]) / (self._raw[j + 1] - self._raw[j])
+        return (1 - a) * self._ms[j] + a * self._ms[j + 1]
+
     def save(self, path: Path) -> None:
         from utils.checkpoint import save_text
 
         save_text(json.dumps(asdict(self)), path)
 
     @classmethod
-    def load(cls, path: Path) -> "LatencyTable":
-        return cls(**json.loads(Path(path).read_text()))
+    def load(cls, path: Path) -> LatencyTable:
+        """Read a saved table; ``ValueError`` says what is wrong with a file that is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise ValueError(f"cannot read it ({e.strerror or e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError("not a latency table (not JSON: corrupt, or another kind of file)") from None
+        if not isinstance(data, dict) or "layers" not in data:
+            raise ValueError("not a latency table (JSON without its fields)")
+        if data.get("version") != VERSION:
+            raise ValueError(f"a latency table of format {data.get('version', 1)}, this version reads format {VERSION}")
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise ValueError(f"not a complete latency table (fields {sorted(set(data) ^ names)} differ)")
+        try:
+            table = cls(**data)
+            table._check()
+        except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"an inconsistent latency table ({type(e).__name__}: {e})") from None
+        return table
+
+    def _check(self) -> None:
+        """Every layer has a grid of positive timings of the right shape (a damaged file is refused)."""
+        for layer in self.layers:
+            t = self.tables[layer["key"]]
+            if len(t["ms"]) != len(t["cin"]) or any(len(row) != len(t["cout"]) for row in t["ms"]):
+                raise ValueError(f"grid of {layer['key']} does not match its channel lists")
+            if not all(v > 0 for row in t["ms"] for v in row):
+                raise ValueError(f"timings of {layer['key']} are not all positive")
+        if not self._raw or min(self._raw) <= 0:
+            raise ValueError("no calibration measurements")
 
 
 def _interp_index(points: list[int], x: int) -> tuple[int, int, float]:
@@ -72,25 +161,41 @@ def _bilinear(xs: list[int], ys: list[int], ms: list[list[float]], x: int, y: in
     return ((1 - a) * ((1 - b) * ms[i0][j0] + b * ms[i0][j1]) + a * ((1 - b) * ms[i1][j0] + b * ms[i1][j1]))
 
 
-def time_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds (synchronizing CUDA around each call)."""
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3,
+            clock: Clock = time.perf_counter) -> float:
+    """The fastest of ``repeats`` timings of ``fn()`` in milliseconds (CUDA synchronized around each)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        samples = []
+        best = float("inf")
         for _ in range(repeats):
             sync()
-            t = time.perf_counter()
+            t = clock()
             fn()
             sync()
-            samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
+            best = min(best, clock() - t)
+    return best * 1e3
 
 
-def _conv_inputs(spec: ArchSpec, input_size: int) -> tuple[list[tuple[ConvSpec, int]], int]:
-    """Every conv of the spec with the spatial size of its input, in spec order, and the final size."""
-    out, size = [], input_size
+class _Tail(nn.Module):
+    """What a PrunedNet block does after its convs: residual add, activation, max-pool."""
+
+    def __init__(self, block: BlockSpec) -> None:
+        super().__init__()
+        self.add = block.shortcut is not None or block.identity
+        self.act = _ACTIVATIONS[block.act](inplace=True) if block.act else nn.Identity()
+        self.pool = nn.MaxPool2d(3, 2, 1) if block.maxpool else nn.Identity()
+
+    def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(y + residual if self.add else y))
+
+
+def _parts(spec: ArchSpec, input_size: int) -> tuple[list[tuple[ConvSpec | BlockSpec, int]], int]:
+    """Every timed part of the spec (its convs, and the tail of every block that has one) with the
+    spatial size of its input, in spec order; and the final size."""
+    out: list[tuple[ConvSpec | BlockSpec, int]] = []
+    size = input_size
     for block in spec.blocks:
         block_in = size
         for conv in block.convs:
@@ -98,6 +203,8 @@ def _conv_inputs(spec: ArchSpec, input_size: int) -> tuple[list[tuple[ConvSpec, 
             size = conv_out_size(size, conv.kernel, conv.stride)
         if block.shortcut is not None:
             out.append((block.shortcut, block_in))
+        if block.shortcut is not None or block.identity or block.act or block.maxpool:
+            out.append((block, size))
         if block.maxpool:
             size = conv_out_size(size, 3, 2)
     return out, size
@@ -106,16 +213,46 @@ def _conv_inputs(spec: ArchSpec, input_size: int) -> tuple[list[tuple[ConvSpec, 
 def _choices(spec: ArchSpec, slot: int, grid: tuple[int, ...]) -> list[int]:
     if slot == IMAGE_SLOT:
         return [IMAGE_CHANNELS]
-    ids = [30] if slot in spec.layout.fixed else list(grid)
+    ids = [FULL_ID] if slot in spec.layout.fixed else list(grid)
     return sorted({channels(spec.bases[slot], i) for i in ids})
 
 
+def _time_conv(spec: ArchSpec, conv: ConvSpec, size: int, cin: int, cout: int, device: torch.device,
+               batch_size: int, repeats: int, clock: Clock) -> float:
+    ch = {conv.in_slot: cout if conv.depthwise else cin, conv.out_slot: cout}
+    module = _ConvBN(conv, [ch.get(i, 0) for i in range(len(spec.bases))]).to(device).eval()
+    x = torch.randn(batch_size, ch[conv.in_slot] if conv.in_slot != IMAGE_SLOT else IMAGE_CHANNELS, size, size,
+                    device=device)
+    return time_ms(lambda: module(x), device, repeats, clock=clock)
+
+
+def _time_tail(block: BlockSpec, size: int, cout: int, device: torch.device, batch_size: int, repeats: int,
+               clock: Clock) -> float:
+    tail = _Tail(block).to(device).eval()
+    y, r = (torch.randn(batch_size, cout, size, size, device=device) for _ in range(2))
+    return time_ms(lambda: tail(y, r), device, repeats, clock=clock)
+
+
 def build(spec: ArchSpec, input_size: int, num_classes: int, device: torch.device, batch_size: int = 1,
-          repeats: int = 20, grid: tuple[int, ...] = GRID) -> LatencyTable:
-    """Time every distinct conv of ``spec`` on the channel grid, and the gene-independent rest."""
+          repeats: int = 20, grid: tuple[int, ...] = GRID, *, width_mult: float, small_input: bool,
+          clock: Clock = time.perf_counter) -> LatencyTable:
+    """Time every distinct part of ``spec`` on the channel grid, the gene-independent rest, and the
+    uniform-width networks the raw sums are calibrated on. ``width_mult`` and ``small_input`` are
+    the values ``spec`` was built with (recorded, so the table is only used for that network)."""
     layers, tables = [], {}
-    convs, final_size = _conv_inputs(spec, input_size)
-    for conv, size in convs:
+    parts, final_size = _parts(spec, input_size)
+    for part, size in parts:
+        if isinstance(part, BlockSpec):
+            out_slot = part.convs[-1].out_slot
+            residual = "add" if part.shortcut is not None or part.identity else ""
+            key = f"tail{residual}_{size}px_{part.act}{'_pool' if part.maxpool else ''}_{spec.bases[out_slot]}"
+            layers.append({"key": key, "in_slot": out_slot, "out_slot": out_slot})
+            if key not in tables:
+                couts = _choices(spec, out_slot, grid)
+                tables[key] = {"cin": [0], "cout": couts, "ms": [[
+                    _time_tail(part, size, cout, device, batch_size, repeats, clock) for cout in couts]]}
+            continue
+        conv = part
         key = f"k{conv.kernel}s{conv.stride}{'dw' if conv.depthwise else ''}_{size}px_{conv.act}_" \
               f"{'img' if conv.in_slot == IMAGE_SLOT else spec.bases[conv.in_slot]}x{spec.bases[conv.out_slot]}"
         layers.append({"key": key, "in_slot": conv.in_slot, "out_slot": conv.out_slot})
@@ -123,27 +260,29 @@ def build(spec: ArchSpec, input_size: int, num_classes: int, device: torch.devic
             continue
         cins = [0] if conv.depthwise else _choices(spec, conv.in_slot, grid)
         couts = _choices(spec, conv.out_slot, grid)
-        ms = []
-        for cin in cins:
-            row = []
-            for cout in couts:
-                ch = {conv.in_slot: cout if conv.depthwise else cin, conv.out_slot: cout}
-                module = _ConvBN(conv, [ch.get(i, 0) for i in range(len(spec.bases))]).to(device).eval()
-                x = torch.randn(batch_size, ch[conv.in_slot] if conv.in_slot != IMAGE_SLOT else IMAGE_CHANNELS,
-                                size, size, device=device)
-                row.append(time_ms(lambda m=module, inp=x: m(inp), device, repeats))
-            ms.append(row)
-        tables[key] = {"cin": cins, "cout": couts, "ms": ms}
+        tables[key] = {"cin": cins, "cout": couts, "ms": [
+            [_time_conv(spec, conv, size, cin, cout, device, batch_size, repeats, clock) for cout in couts]
+            for cin in cins]}
     # pooling and classifier do not depend on the gene: timed once on the classifier's fixed input
     width = spec.bases[spec.classifier_slot]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)).to(device).eval()
     feats = torch.randn(batch_size, width, final_size, final_size, device=device)
-    fixed = time_ms(lambda: head(feats), device, repeats)
-    return LatencyTable(str(device), input_size, batch_size, fixed, layers, tables)
+    fixed = time_ms(lambda: head(feats), device, repeats, clock=clock)
+    uncalibrated = LatencyTable(spec.layout.family, input_size, width_mult, small_input, num_classes, batch_size,
+                                str(device), fixed, layers, tables, [])
+    layout, calibration = spec.layout, []
+    for i in grid:
+        gene = tuple(FULL_ID if p in layout.fixed else i for p in range(len(layout)))
+        # three times the repeats: every estimate leans on these few measurements
+        calibration.append({"id": i, "lut_ms": uncalibrated.raw(gene, spec.bases),
+                            "measured_ms": measure(PrunedNet(spec, gene, num_classes), input_size, device,
+                                                   batch_size, 3 * repeats, clock)})
+    return replace(uncalibrated, calibration=calibration)
 
 
-def measure(net: PrunedNet, input_size: int, device: torch.device, batch_size: int = 1, repeats: int = 20) -> float:
-    """End-to-end latency (ms, median) of a whole network in eval mode."""
+def measure(net: PrunedNet, input_size: int, device: torch.device, batch_size: int = 1, repeats: int = 20,
+            clock: Clock = time.perf_counter) -> float:
+    """End-to-end latency (ms, the fastest of ``repeats`` runs) of a whole network in eval mode."""
     net = net.to(device).eval()
     x = torch.randn(batch_size, IMAGE_CHANNELS, input_size, input_size, device=device)
-    return time_ms(lambda: net(x), device, repeats)
+    return time_ms(lambda: net(x), device, repeats, clock=clock)

@@ -142,3 +142,13 @@ def test_json_switches_can_be_turned_off_on_the_command_line(workdir):
     assert cfg["visdom"] is True and cfg["valuate"] is True and cfg["inherit"] == "auto"
     cfg = dry_run("meta_trainer_exp.py", "--json", str(exp), "--no-visdom", "--no-valuate", cwd=workdir)
     assert cfg["visdom"] is False and cfg["valuate"] is False
+
+
+@pytest.mark.parametrize("name, suffix", [
+    ("MetaPruneSearch_resnet50_pruningnet_flops300.0_checkpoint.pth.tar", "_flops300.0"),
+    ("MetaPruneSearch_resnet50_pruningnet_flops1500_mine_checkpoint.pth.tar", "_flops1500"),  # searched with --suffix
+    ("elsewhere.pth.tar", ""),
+])
+def test_retrained_candidate_is_named_after_the_search_budget(name, suffix, workdir):
+    cfg = dry_run("meta_trainer_exp.py", "--arch", "resnet50_prunednet", "--search-resume", f"dir/{name}", cwd=workdir)
+    assert cfg["suffix"] == suffix

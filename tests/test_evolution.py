@@ -12,6 +12,8 @@ from models.cost import Cost, cost_model
 from search.evolution import (Budget, Feasibility, SearchState, crossover, init_state, mutate, run, sample_feasible,
                               step)
 
+R50_NARROWEST_MACS = cost_model("resnet50")(get_family("resnet50").layout.narrowest()).macs
+
 R50 = get_family("resnet50").layout
 MBV2 = get_family("mobilenetv2").layout
 R50_COST = cost_model("resnet50")
@@ -101,12 +103,56 @@ def test_unmeetable_budget_is_reported_with_its_numbers(budget, latency_fn, numb
         assert number in str(info.value)
 
 
-def test_too_narrow_band_runs_out_of_tries():
-    macs = R50_COST(R50.narrowest()).macs + 12345  # no gene costs exactly this
+def test_too_narrow_band_gives_fewer_genes_and_an_empty_first_population_is_an_error():
+    macs = R50_NARROWEST_MACS + 12345  # no gene costs exactly this
     feasible = Feasibility(Budget(max_macs=macs, min_macs=macs), R50_COST)
     feasible.check(R50)
-    with pytest.raises(ValueError, match="found only 0 of 3 .* too narrow"):
-        sample_feasible(R50, random.Random(0), feasible, 3, max_tries=50)
+    assert sample_feasible(R50, random.Random(0), feasible, 3, max_tries=50) == []
+    with pytest.raises(ValueError, match="found no gene within the budget in 300 random tries"):
+        init_state(R50, random.Random(0), feasible, 3)
+
+
+def tight(fraction):
+    return Feasibility(Budget(max_macs=int(R50_NARROWEST_MACS * fraction)), R50_COST)
+
+
+def test_repair_reaches_many_distinct_genes_near_the_narrowest():
+    # 725 genes cost at most 1.05x the narrowest; repair that dropped positions to random lower
+    # ids collapsed onto a few of them (101 distinct genes in 300 tries).
+    genes = sample_feasible(R50, random.Random(0), tight(1.05), 150, max_tries=300)
+    assert len(genes) == len(set(genes)) == 150
+    assert all(tight(1.05)(g) for g in genes)
+
+
+def test_repair_lowers_to_the_budget_boundary_keeping_the_gene_spread():
+    # At 3x the narrowest no uniform gene fits: every gene is a repaired one. Lowering one id at a
+    # time stops right at the bound, and every position keeps a similar share of the ids.
+    feasible = tight(3)
+    genes = sample_feasible(R50, random.Random(0), feasible, 200, max_tries=200)
+    assert len(genes) == 200
+    assert np.mean([R50_COST(g).macs for g in genes]) > 0.97 * feasible.budget.max_macs
+    per_position = np.array(genes)[:, list(R50.free_positions())].mean(axis=0)
+    assert per_position.max() < 1.4 * per_position.min()
+
+
+def test_tight_budget_search_goes_on_with_fewer_candidates_and_stays_deterministic():
+    # Only 104 genes cost at most 1.03x the narrowest ResNet50 gene: the second iteration cannot
+    # fill a population of 40 with genes not scored yet. It must go on with fewer, not raise.
+    feasible = tight(1.03)
+    kwargs = dict(population=40, select_num=10, mutation_num=10, crossover_num=10, mutation_prob=0.1)
+
+    def tight_search():
+        states = []
+        rng = random.Random(0)
+        run(init_state(R50, rng, feasible, 40), R50, rng, feasible, score_all, 4, on_step=states.append, **kwargs)
+        return states
+
+    states = tight_search()
+    assert [s.iteration for s in states] == [1, 2, 3, 4]
+    assert min(len(s.population) for s in states) < 40
+    scored = states[-1].scores
+    assert 40 < len(scored) <= 104 and all(feasible(g) for g in scored)
+    assert tight_search() == states
 
 
 def test_budget_rejects_non_positive_bounds():
@@ -165,9 +211,29 @@ def test_mutation_probability_zero_changes_nothing_and_one_changes_positions(rng
     assert changed > len(R50.free_positions()) // 2
 
 
+def test_mutation_redraws_each_position_independently_with_the_given_probability():
+    # Per position, not per gene: with p = 0.3 a free position changes with probability
+    # p * 30/31 (a redraw may give the same id back), independently of the others, so the number
+    # of changed positions per child is binomial. Mutating whole genes with probability p would
+    # give the same mean but a far larger spread (mostly 0 or almost all positions changed).
+    parent = tuple(30 if i in R50.fixed else 15 for i in range(len(R50)))
+    children = mutate([parent], R50, random.Random(0), 2000, 0.3, Feasibility(Budget(), R50_COST), set(),
+                      max_tries=4000)
+    assert len(children) == 2000
+    changed = np.array([[c[i] != parent[i] for i in range(len(R50))] for c in children])
+    free = list(R50.free_positions())
+    assert not changed[:, list(R50.fixed)].any()
+    q = 0.3 * 30 / 31
+    assert np.all(np.abs(changed[:, free].mean(axis=0) - q) < 0.05)
+    per_child = changed[:, free].sum(axis=1)
+    n = len(free)
+    assert per_child.mean() == pytest.approx(n * q, rel=0.05)
+    assert per_child.var() == pytest.approx(n * q * (1 - q), rel=0.2)
+
+
 def test_crossover_takes_every_position_from_one_parent(rng, parents):
     feasible = r50_feasible()
-    children = crossover(parents, R50, rng, 20, feasible, set())
+    children = crossover(parents, rng, 20, feasible, set())
     assert len(children) == 20 == len(set(children))
     for child in children:
         assert feasible(child) and child not in parents
@@ -176,12 +242,12 @@ def test_crossover_takes_every_position_from_one_parent(rng, parents):
 
 
 def test_crossover_of_a_single_parent_gives_nothing(rng, parents):
-    assert crossover(parents[:1] * 3, R50, rng, 5, r50_feasible(), set()) == []
+    assert crossover(parents[:1] * 3, rng, 5, r50_feasible(), set()) == []
 
 
 def test_children_are_filtered_by_feasibility(rng, parents):
     strict = Feasibility(Budget(max_macs=max(R50_COST(p).macs for p in parents)), R50_COST)
-    for child in mutate(parents, R50, rng, 20, 0.5, strict, set()) + crossover(parents, R50, rng, 20, strict, set()):
+    for child in mutate(parents, R50, rng, 20, 0.5, strict, set()) + crossover(parents, rng, 20, strict, set()):
         assert strict(child)
 
 
@@ -299,7 +365,7 @@ def test_other_bad_arguments_are_refused(rng, parents):
     with pytest.raises(ValueError, match="got 1.1"):
         mutate(parents, R50, rng, 3, 1.1, feasible, set())
     with pytest.raises(ValueError, match="got -1"):
-        crossover(parents, R50, rng, -1, feasible, set())
+        crossover(parents, rng, -1, feasible, set())
     with pytest.raises(ValueError, match="got -2"):
         sample_feasible(R50, rng, feasible, -2)
     with pytest.raises(ValueError, match="returned 1 errors for 16 genes"):

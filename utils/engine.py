@@ -111,13 +111,13 @@ def check_resume(state: dict, record: dict, args: argparse.Namespace) -> None:
                         f"pass it as --inherit instead")
 
 
-class _StopRequests:
+class StopRequests:
     """SIGINT/SIGTERM set a flag; the loop saves a resumable checkpoint at the next step and stops."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
 
-    def __enter__(self) -> "_StopRequests":
+    def __enter__(self) -> "StopRequests":
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -221,7 +221,7 @@ class Trainer:
         if self.dist.main:
             checkpoint.save_text(json.dumps(vars(args), indent=1, sort_keys=True),
                                  CHECKPOINT_DIR / f"{run_name(args)}_config.json")
-        with _StopRequests() as stop:
+        with StopRequests() as stop:
             while self.epoch < args.epochs:
                 stats = self.train_one_epoch(stop)
                 if self.stopping:
@@ -248,7 +248,7 @@ class Trainer:
                          + (f" | val top-1 {top1:.2f} (best {self.best:.2f})" if metrics else ""))
         self.save(best=is_best)
 
-    def train_one_epoch(self, stop: _StopRequests) -> dict[str, float]:
+    def train_one_epoch(self, stop: StopRequests) -> dict[str, float]:
         """Train from ``step_in_epoch`` to the end of the epoch (or until a stop signal)."""
         args, device = self.args, self.device
         self.loader.sampler.set_epoch(self.epoch)
