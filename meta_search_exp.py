@@ -297,6 +297,7 @@ def initial_state(args: argparse.Namespace, layout, feasible: evolution.Feasibil
 
 
 def main(argv: list[str] | None = None) -> list:
+    """Parse, check the input, then search (or continue a search); the candidates, best first."""
     argv = sys.argv[1:] if argv is None else argv
     if "-arch" in argv:
         raise UserError("'-arch' is not a flag: write --flops-arch (the README's MobileNetV2 search command has a "

@@ -168,6 +168,7 @@ def build_prunednet(args: argparse.Namespace, data, device: torch.device, dist_i
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse, check every input file, then train; the final validation metrics."""
     args = parse_args(get_args_parser(), argv, _validate)
     if args.dry_run:
         print(dump(args))

@@ -39,6 +39,8 @@ class Recipe:
 
     width: float = 0.25
     batch: int = 256
+    pruning_lr: float = 0.05       # PruningNet peak learning rate (0.1 overshoots during warmup)
+    lr: float = 0.1                # retraining peak learning rate
     pruning_epochs: int = 4
     retrain_epochs: int = 3
     steps_per_epoch: int = 0       # 0: whole epochs
@@ -79,7 +81,7 @@ class Pipeline:
                      "--batch-size", str(recipe.batch), "--workers", "0", "--seed", str(seed),
                      "--val-per-class", str(recipe.val_per_class)]
         self.data += ["--data-root", str(Path(data_root).resolve())] if data_root else []
-        self.train = ["--lr", "0.1", "--warmup-epochs", "1", "--steps-per-epoch", str(recipe.steps_per_epoch),
+        self.train = ["--warmup-epochs", "1", "--steps-per-epoch", str(recipe.steps_per_epoch),
                       "--vis-interval", "10", "--valuate"]
         self.times: dict[str, float] = {}
 
@@ -101,7 +103,8 @@ class Pipeline:
 
     def train_pruningnet(self) -> dict[str, float]:
         return self._stage("PruningNet", meta_trainer_exp.main, [
-            "--arch", f"{self.arch}_pruningnet", *self.data, *self.train, "--epochs", str(self.r.pruning_epochs),
+            "--arch", f"{self.arch}_pruningnet", *self.data, *self.train, "--lr", str(self.r.pruning_lr),
+            "--epochs", str(self.r.pruning_epochs),
             "--recal-batches", str(self.r.recal_batches)])
 
     def search(self, budget_mmac: float) -> list:
@@ -116,7 +119,8 @@ class Pipeline:
     def retrain(self, gene: Gene, suffix: str) -> dict[str, float]:
         """Train the PrunedNet of ``gene`` from scratch; its final validation metrics."""
         return self._stage(f"retrain{suffix}", meta_trainer_exp.main, [
-            "--arch", f"{self.arch}_prunednet", *self.data, *self.train, "--epochs", str(self.r.retrain_epochs),
+            "--arch", f"{self.arch}_prunednet", *self.data, *self.train, "--lr", str(self.r.lr),
+            "--epochs", str(self.r.retrain_epochs),
             "--gene", str(self.layout.format(gene)), "--suffix", suffix])
 
     def row(self, name: str, gene: Gene, metrics: dict[str, float], stage: str) -> dict:
@@ -159,6 +163,7 @@ def get_args_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the stages and print the results table; the summary written to ``results.json``."""
     args = get_args_parser().parse_args(argv)
     if not 0 < args.budget <= 1:
         raise UserError(f"--budget is a fraction of the full network's MACs in (0, 1], got {args.budget}")

@@ -36,6 +36,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse, check the input, then train; the final validation metrics."""
     args = parse_args(get_args_parser(), argv, _validate)
     if args.dry_run:
         print(dump(args))

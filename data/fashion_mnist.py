@@ -70,6 +70,7 @@ def locate(data_root: str | None) -> Path:
 
 
 def load(folder: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 28, 28) uint8 and labels of ``part`` (train or test) from ``folder``."""
     images, labels = (read_idx(_find(folder, n)) for n in FILES[part])
     if len(images) != len(labels):
         raise UserError(f"Fashion-MNIST {part} files in {folder} disagree: {len(images)} images, {len(labels)} labels")

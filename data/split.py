@@ -20,6 +20,7 @@ SPLIT_DIR = CHECKPOINT_DIR / "splits"
 
 
 def split_path(dataset: str, source: str, per_class: int) -> Path:
+    """Where the split of ``source`` (a data root, or a digest of the data) with ``per_class`` images is kept."""
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
     return SPLIT_DIR / f"{dataset}_{digest}_subval{per_class}.json"
 

@@ -143,6 +143,7 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
 
 
 def load_json(path: str) -> dict[str, Any]:
+    """The ``--json`` experiment file as a dict; unreadable or non-object files are user errors."""
     try:
         with open(path) as f:
             cfg = json.load(f)

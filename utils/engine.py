@@ -199,6 +199,7 @@ class Trainer:
                          f"(best top-1 {self.best:.2f})")
 
     def state(self) -> dict:
+        """Everything a resumed run needs, in plain types and tensors (safe to load)."""
         return {"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, **self.record, "dataset": self.args.dataset,
                 "model": checkpoint.model_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
@@ -215,6 +216,7 @@ class Trainer:
         barrier()
 
     def fit(self, resume_state: dict | None = None) -> dict[str, float]:
+        """Train to ``--epochs`` (from ``resume_state`` when given); the last validation metrics."""
         args = self.args
         if resume_state is not None:
             self.resume(resume_state)
