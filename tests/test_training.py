@@ -1,12 +1,20 @@
 """Real (tiny) training runs of meta_trainer_exp.py and trainer_exp.py on generated JPEG data."""
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 
 import pytest
 import torch
 
 from data import fixed_batches, get_data, make_loader
 from data.synthetic import make_image_folder
-from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl
+from conftest import ROOT
+from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl, run_script
 from models import get_family
 from search.evaluator import CandidateEvaluator
 from utils import checkpoint
@@ -201,3 +209,26 @@ def test_inherit_from_an_exported_prunednet_of_the_same_gene(work):
     r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "resnet50_prunednet", "--gene", other, "--inherit", src,
                cwd=work)
     assert r.returncode == 2 and "a PrunedNet of gene [9, 9" in r.stderr, r.stderr
+
+
+def test_progress_bar_on_a_terminal_only(work):
+    args = [*TINY_TRAIN, "--arch", "resnet50_prunednet", "--epochs", "2"]
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen([sys.executable, str(ROOT / "meta_trainer_exp.py"), *args], cwd=work,
+                            stdout=subprocess.DEVNULL, stderr=terminal, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    assert b"epoch 1/2" in shown and b"epoch 2/2" in shown and b"it/s" in shown
+    piped = run_script("meta_trainer_exp.py", *args, "--suffix", "_piped", cwd=work)
+    assert "epoch 1/2" not in piped.stderr and "it/s" not in piped.stderr

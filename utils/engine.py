@@ -259,7 +259,8 @@ class Trainer:
         self.ddp.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, top-1 hits, samples
         start, seen = time.perf_counter(), 0
-        for x, y in progress(self.loader, desc=f"epoch {self.epoch}", total=self.steps - self.step_in_epoch):
+        for x, y in progress(self.loader, desc=f"epoch {self.epoch + 1}/{args.epochs}", initial=self.step_in_epoch,
+                             total=self.steps):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
