@@ -65,15 +65,15 @@ def spread_genes(p: Pipeline, n: int, low: float, high: float, seed: int) -> lis
     Uniform genes crowd around half the full MACs, so each pool gene draws its ids uniformly from a
     random sub-range of 0..30: the pool then covers every cost from the narrowest to the full gene.
     """
-    rng, full, free = random.Random(seed), p.costs(p.layout.full()).macs, set(p.layout.free_positions())
-    pool = []
+    rng, full = random.Random(seed), p.costs(p.layout.full()).macs
+    macs = {}
     for _ in range(20000):
-        a, b = sorted((rng.randrange(31), rng.randrange(31)))
-        pool.append(tuple(rng.randint(a, b) if i in free else g for i, g in enumerate(p.layout.full())))
+        g = p.layout.sample(rng, *sorted((rng.randrange(31), rng.randrange(31))))
+        macs[g] = p.costs(g).macs
     picked = []
     for k in range(n):
         target = (low + (high - low) * (k + 0.5) / n) * full
-        picked.append(min((g for g in pool if g not in picked), key=lambda g: abs(p.costs(g).macs - target)))
+        picked.append(min((g for g in macs if g not in picked), key=lambda g: abs(macs[g] - target)))
     return picked
 
 

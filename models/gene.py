@@ -96,9 +96,10 @@ class GeneLayout:
         """The unpruned gene (every position full width)."""
         return (FULL_ID,) * len(self.names)
 
-    def sample(self, rng: random.Random) -> Gene:
-        """A uniform random gene: every free position any id in 0..30, fixed positions full width."""
-        return tuple(FULL_ID if i in self.fixed else rng.randrange(NUM_SCALES) for i in range(len(self.names)))
+    def sample(self, rng: random.Random, low: int = 0, high: int = FULL_ID) -> Gene:
+        """A uniform random gene: every free position any id in ``low..high`` (default all of 0..30),
+        fixed positions full width."""
+        return tuple(FULL_ID if i in self.fixed else rng.randrange(low, high + 1) for i in range(len(self.names)))
 
     def narrowest(self) -> Gene:
         """The cheapest gene: every free position at id 0, fixed positions full width."""

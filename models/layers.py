@@ -151,7 +151,7 @@ class GeneratedConv(nn.Module):
         # Uniform init scaled so that the widest gene's weight starts with the PrunedNet's Kaiming
         # (fan-out) std: Var(W2 h + b2) = bound^2 / 3 * (|h|^2 + 1). nn.Linear's default for this layer
         # makes weights several times larger, which on Fashion-MNIST left the loss above chance for
-        # the whole first epoch and cost 10-20 points of probe top-1 (README "Results").
+        # the whole first epoch and cost 10-20 points of probe top-1.
         with torch.no_grad():
             widest = F.relu(self.fc1(torch.ones(len(conv.gen_slots))))
         std = (2.0 / (cout * k2)) ** 0.5

@@ -86,3 +86,12 @@ def test_mobilenetv2_last_conv_is_fixed():
 def test_free_positions_exclude_fixed():
     assert 4 not in R50.free_positions() and len(R50.free_positions()) == 20
     assert 8 not in MBV2.free_positions() and len(MBV2.free_positions()) == 25
+
+
+def test_sample_within_an_id_range():
+    import random
+
+    rng, free = random.Random(0), set(R50.free_positions())
+    genes = [R50.sample(rng, 5, 7) for _ in range(200)]
+    assert {g[i] for g in genes for i in free} == {5, 6, 7}
+    assert all(g[i] == R50.full()[i] for g in genes for i in range(len(R50)) if i not in free)
