@@ -10,6 +10,12 @@
 Run: ``.venv/bin/python benchmarks/reproduce.py [--arch resnet50] [--seeds 0 1 2] [--budgets 0.25 0.5]
 [--tau-genes 12] [--quick]``. Runs go to ``runs/reproduce/``; the summary to
 ``benchmarks/results/reproduce_{arch}.json`` and ``docs/results.md`` with the plots beside it.
+
+Trying a fix: ``--pruning-epochs``/``--recal-batches`` change the PruningNet's side of the recipe and
+``--tag`` names the variant (its own run folder and JSON; docs/results.md is left alone). ``--reuse
+FILE`` takes the from-scratch results of an earlier run's JSON instead of retraining them (retraining
+depends on the gene, the seed and the retraining recipe, not on the PruningNet), and its tau genes, so
+the variant's proxy is compared on the same genes against the same ground truth.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from data import fixed_batches, get_data, make_loader  # noqa: E402
-from pipeline import FULL, QUICK, Pipeline, compare, inside  # noqa: E402
+from models import Gene  # noqa: E402
+from pipeline import FULL, QUICK, Pipeline, Recipe, compare, inside  # noqa: E402
 from search.evaluator import CandidateEvaluator, cached_batches  # noqa: E402
 from utils import checkpoint  # noqa: E402
 
@@ -37,6 +44,46 @@ from utils import checkpoint  # noqa: E402
 # retrained networks). Sized so that 3 seeds x 2 budgets and 12 tau genes take under two hours here.
 REPRO = replace(FULL, pruning_epochs=5, retrain_epochs=4, val_per_class=500, recal_batches=8, population=24,
                 select=6, mutation=9, crossover=9, iterations=6)
+
+
+# What a from-scratch result depends on besides the gene and the seed.
+RETRAIN_FIELDS = ("width", "batch", "lr", "retrain_epochs", "steps_per_epoch", "val_per_class")
+
+
+class ReusingPipeline(Pipeline):
+    """A Pipeline that returns an earlier run's from-scratch result for a (seed, gene) it holds."""
+
+    def __init__(self, *args, done: dict[tuple, dict], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.done = done
+
+    def retrain(self, gene: Gene, suffix: str) -> dict[str, float]:
+        hit = self.done.get((self.seed, tuple(self.layout.format(gene))))
+        if hit is None:
+            return super().retrain(gene, suffix)
+        self.times[f"retrain{suffix}"] = hit.get("retrain_s", 0.0)
+        return {"top1": hit["top1"]}
+
+
+def earlier_results(path: Path, recipe: Recipe) -> tuple[dict[tuple, dict], int, list[list[int]]]:
+    """An earlier run's from-scratch results by (seed, gene), the seed of its tau genes and those genes
+    (distinct, extra genes added to its JSON included). ValueError when it cannot be reused."""
+    try:
+        old = json.loads(path.read_text())
+        differ = [f for f in RETRAIN_FIELDS if old["recipe"][f] != getattr(recipe, f)]
+        done = {(c["seed"], tuple(r["gene"])): r for c in old["comparisons"] for r in c["results"]}
+        tau_seed, rows = old["comparisons"][0]["seed"], old["tau_genes"] + old.get("tau_extra_genes", [])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"--reuse {path}: not a readable reproduce JSON ({type(e).__name__}: {e})")
+    if differ:
+        raise ValueError(f"--reuse {path}: its retraining recipe differs in {', '.join(differ)}; reuse a run "
+                         "retrained with this recipe")
+    tau_genes = []
+    for r in rows:
+        if r["gene"] not in tau_genes:
+            tau_genes.append(r["gene"])
+            done.setdefault((tau_seed, tuple(r["gene"])), {"top1": r["scratch_top1"]})
+    return done, tau_seed, tau_genes
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -77,12 +124,12 @@ def spread_genes(p: Pipeline, n: int, low: float, high: float, seed: int) -> lis
     return picked
 
 
-def proxy_scores(p: Pipeline, genes: list) -> list[float]:
+def proxy_scores(p: Pipeline, genes: list, recal_batches: int) -> list[float]:
     """The top-1 the PruningNet gives each gene, exactly as the search scores candidates."""
     with inside(p.run_dir):
         net = checkpoint.build_model(checkpoint.load(p.pruningnet))
         data = get_data("fashionmnist", None, 32, p.r.val_per_class, hold_out=True, seed=p.seed)
-        recal = fixed_batches(data.train_eval, p.r.recal_batches, p.r.batch, p.seed)
+        recal = fixed_batches(data.train_eval, recal_batches, p.r.batch, p.seed)
         evaluator = CandidateEvaluator(net, recal, cached_batches(make_loader(data.subval, p.r.batch, False, 0),
                                                                   torch.device("cpu")), torch.device("cpu"))
         return [evaluator.top1(g) for g in genes]
@@ -111,27 +158,52 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet50", choices=("resnet50", "mobilenetv2"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.5], help="none: the tau genes only")
     ap.add_argument("--tau-genes", type=int, default=12)
+    ap.add_argument("--pruning-epochs", type=int, help=f"PruningNet epochs (recipe: {REPRO.pruning_epochs})")
+    ap.add_argument("--recal-batches", type=int, help=f"BN recalibration batches (recipe: {REPRO.recal_batches})")
+    ap.add_argument("--tau-recal", type=int, nargs="+",
+                    help="recalibration sizes the tau genes are also scored with (default: the recipe's and 4x)")
+    ap.add_argument("--tag", default="", help="names a variant: runs/reproduce/{arch}{tag}, reproduce_{arch}{tag}.json")
+    ap.add_argument("--reuse", type=Path, help="an earlier run's JSON: its from-scratch results and tau genes")
     ap.add_argument("--quick", action="store_true", help="tiny recipe: checks the machinery, not the claims")
     args = ap.parse_args()
     recipe, start = (QUICK if args.quick else REPRO), time.perf_counter()
-    base = Path("runs/reproduce") / f"{args.arch}{'_quick' if args.quick else ''}"
+    recipe = replace(recipe, pruning_epochs=args.pruning_epochs or recipe.pruning_epochs,
+                     recal_batches=args.recal_batches or recipe.recal_batches)
+    tag = args.tag + ("_quick" if args.quick else "")
+    if recipe != REPRO and not tag:
+        ap.error("a changed recipe needs --tag (the reproduction's own results are not to be overwritten)")
+    try:
+        done, tau_seed, reused_genes = earlier_results(args.reuse, recipe) if args.reuse else ({}, args.seeds[0], [])
+    except ValueError as e:
+        ap.error(str(e))
+    if tau_seed not in args.seeds:
+        ap.error(f"--reuse {args.reuse}: its tau genes were retrained with seed {tau_seed}; include it in --seeds")
+    base = Path("runs/reproduce") / f"{args.arch}{tag}"
     comparisons, pipes = [], {}
     for seed in args.seeds:
-        p = pipes[seed] = Pipeline(args.arch, seed, recipe, base / f"seed{seed}")
+        p = pipes[seed] = ReusingPipeline(args.arch, seed, recipe, base / f"seed{seed}", done=done)
         p.train_pruningnet()
         for fraction in args.budgets:
             comparisons.append({"seed": seed, **compare(p, fraction)})
-    p = pipes[args.seeds[0]]
-    genes = spread_genes(p, args.tau_genes, 0.15, 0.9, seed=1)
-    proxy = proxy_scores(p, genes)
+    for c in comparisons:
+        for r in c["results"]:
+            r["reused"] = (c["seed"], tuple(r["gene"])) in done
+    p = pipes[tau_seed]
+    genes = [p.layout.parse(g) for g in reused_genes] or spread_genes(p, args.tau_genes, 0.15, 0.9, seed=1)
+    recals = args.tau_recal or [recipe.recal_batches, 4 * recipe.recal_batches]
+    proxy = {n: proxy_scores(p, genes, n) for n in dict.fromkeys([recipe.recal_batches, *recals])}
     tau_rows = []
-    for i, (g, score) in enumerate(zip(genes, proxy)):
+    for i, g in enumerate(genes):
         scratch = p.retrain(g, f"_tau{i:02d}")
         tau_rows.append({"gene": p.layout.format(g), "mmac": round(p.costs(g).macs / 1e6, 3),
-                         "proxy_top1": round(score, 2), "scratch_top1": round(scratch["top1"], 2)})
-    tau = kendall_tau([r["proxy_top1"] for r in tau_rows], [r["scratch_top1"] for r in tau_rows])
+                         "proxy_top1": round(proxy[recipe.recal_batches][i], 2),
+                         **{f"proxy_top1_recal{n}": round(v[i], 2) for n, v in proxy.items()},
+                         "scratch_top1": round(scratch["top1"], 2)})
+    scratch = [r["scratch_top1"] for r in tau_rows]
+    tau_by_recal = {n: kendall_tau([r[f"proxy_top1_recal{n}"] for r in tau_rows], scratch) for n in proxy}
+    tau = tau_by_recal[recipe.recal_batches]
 
     lines = [f"## Small-scale reproduction ({args.arch}, Fashion-MNIST, CPU)", "",
              f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({(time.perf_counter() - start) / 3600:.1f} h on "
@@ -148,15 +220,17 @@ def main() -> None:
         lines.append(f"| {fraction:.0%} ({rows[0]['budget_mmac']} MMac) | {mean_std(s)} | {mean_std(u)} | "
                      f"{mean_std(d)} | {len(rows)} |")
     lines += ["", f"Kendall tau between PruningNet top-1 and from-scratch top-1 over {len(tau_rows)} genes "
-              f"(15–90% of the full MACs, seed {args.seeds[0]}): **{tau:.3f}**", "",
+              f"(15–90% of the full MACs, seed {tau_seed}): **{tau:.3f}**; by recalibration batches: "
+              f"{', '.join(f'{n}: {t:.3f}' for n, t in tau_by_recal.items())}", "",
               "![proxy vs from-scratch top-1](reproduce_tau.png)", ""]
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     result = {"arch": args.arch, "command": " ".join(sys.argv), "recipe": asdict(recipe), "summary": summary,
-              "comparisons": comparisons, "tau": tau, "tau_genes": tau_rows,
+              "comparisons": comparisons, "tau": tau, "tau_by_recal": tau_by_recal, "tau_genes": tau_rows,
+              "reused_from": str(args.reuse) if args.reuse else None,
               "hours": round((time.perf_counter() - start) / 3600, 2)}
-    (out / f"reproduce_{args.arch}{'_quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=1))
-    if not args.quick:
+    (out / f"reproduce_{args.arch}{tag}.json").write_text(json.dumps(result, indent=1))
+    if not tag:
         plot(tau_rows, tau, ROOT / "docs" / "reproduce_tau.png")
         (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,11 +1,14 @@
-"""The reproduction benchmark's own pieces: the proxy-quality genes and Kendall's tau."""
+"""The reproduction benchmark's own pieces: the proxy-quality genes, Kendall's tau, reuse of earlier results."""
+import json
 import sys
+from dataclasses import asdict, replace
 
+import pytest
 from conftest import ROOT
 from pipeline import QUICK, Pipeline
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from reproduce import kendall_tau, spread_genes  # noqa: E402
+from reproduce import ReusingPipeline, earlier_results, kendall_tau, spread_genes  # noqa: E402
 
 
 def test_tau_genes_are_distinct_and_cover_the_range(tmp_path):
@@ -23,3 +26,44 @@ def test_kendall_tau_b():
     assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == -1
     # 5 concordant, 1 discordant pair of 6: (5 - 1) / 6
     assert abs(kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) - 4 / 6) < 1e-12
+
+
+def _earlier_run(path, recipe, genes):
+    row = {"gene": genes[0], "mmac": 1.0, "proxy_top1": 50.0, "scratch_top1": 80.0}
+    path.write_text(json.dumps({
+        "recipe": asdict(recipe),
+        "comparisons": [{"seed": 1, "results": [{"network": "uniform", "gene": genes[1], "top1": 70.0,
+                                                 "retrain_s": 9.0}]}],
+        "tau_genes": [row, row, {**row, "gene": genes[2], "scratch_top1": 81.0}],
+        "tau_extra_genes": [{**row, "gene": genes[3], "scratch_top1": 82.0}]}))
+
+
+def test_earlier_results_give_distinct_tau_genes_and_results_by_seed_and_gene(tmp_path):
+    genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28)]
+    _earlier_run(tmp_path / "old.json", QUICK, genes)
+    done, tau_seed, tau_genes = earlier_results(tmp_path / "old.json", QUICK)
+    assert tau_seed == 1
+    assert tau_genes == [genes[0], genes[2], genes[3]]  # the repeated gene once, extra genes after
+    assert done[(1, tuple(genes[1]))]["top1"] == 70.0
+    assert [done[(1, tuple(g))]["top1"] for g in tau_genes] == [80.0, 81.0, 82.0]
+
+
+def test_earlier_results_of_another_retraining_recipe_are_refused(tmp_path):
+    genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28)]
+    _earlier_run(tmp_path / "old.json", QUICK, genes)
+    # the PruningNet's side of the recipe may differ: that is what a variant changes
+    earlier_results(tmp_path / "old.json", replace(QUICK, pruning_epochs=9, recal_batches=7))
+    with pytest.raises(ValueError, match="differs in retrain_epochs"):
+        earlier_results(tmp_path / "old.json", replace(QUICK, retrain_epochs=9))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a readable reproduce JSON"):
+        earlier_results(tmp_path / "bad.json", QUICK)
+
+
+def test_reusing_pipeline_returns_an_earlier_result_without_training(tmp_path):
+    p = ReusingPipeline("resnet50", 1, QUICK, tmp_path / "run", done={})
+    gene = p.layout.full()
+    p.done[(1, tuple(p.layout.format(gene)))] = {"top1": 70.0, "retrain_s": 9.0}
+    assert p.retrain(gene, "_uniform25") == {"top1": 70.0}
+    assert p.times["retrain_uniform25"] == 9.0
+    assert not (tmp_path / "run").exists()  # no stage ran
