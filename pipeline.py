@@ -51,6 +51,7 @@ class Recipe:
     iterations: int = 5
     val_per_class: int = 200       # sub-validation images per class that score candidates
     recal_batches: int = 4
+    min_fraction: float = 0.0      # searched genes cost at least this fraction of the budget (0: no lower bound)
 
 
 FULL = Recipe()
@@ -112,6 +113,7 @@ class Pipeline:
         r = self.r
         return self._stage(f"search {budget_mmac}", meta_search_exp.main, [
             "--arch", f"{self.arch}_pruningnet", "--resume", self.pruningnet, *self.data, "--flops", str(budget_mmac),
+            *(["--min-flops", f"{budget_mmac * r.min_fraction:.4g}"] if r.min_fraction else []),
             "--population", str(r.population), "--select-num", str(r.select), "--mutation-num", str(r.mutation),
             "--crossover-num", str(r.crossover), "--epochs", str(r.iterations), "--recal-batches",
             str(r.recal_batches)])

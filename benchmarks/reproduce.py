@@ -11,11 +11,13 @@ Run: ``.venv/bin/python benchmarks/reproduce.py [--arch resnet50] [--seeds 0 1 2
 [--tau-genes 12] [--quick]``. Runs go to ``runs/reproduce/``; the summary to
 ``benchmarks/results/reproduce_{arch}.json`` and ``docs/results.md`` with the plots beside it.
 
-Trying a fix: ``--pruning-epochs``/``--recal-batches`` change the PruningNet's side of the recipe and
-``--tag`` names the variant (its own run folder and JSON; docs/results.md is left alone). ``--reuse
-FILE`` takes the from-scratch results of an earlier run's JSON instead of retraining them (retraining
-depends on the gene, the seed and the retraining recipe, not on the PruningNet), and its tau genes, so
-the variant's proxy is compared on the same genes against the same ground truth.
+Trying a fix: ``--pruning-epochs``, ``--recal-batches``, ``--iterations`` and ``--min-fraction``
+change the PruningNet's and the search's side of the recipe, and ``--tag`` names the variant (its own
+run folder and JSON; docs/results.md is left alone). ``--reuse FILE`` takes the from-scratch results of
+an earlier run's JSON instead of retraining them (retraining depends on the gene, the seed and the
+retraining recipe, not on the PruningNet), and its tau genes, so the variant's proxy is compared on the
+same genes against the same ground truth. ``--pruningnets DIR`` takes each seed's trained PruningNet
+from an earlier run folder (``DIR/seed{seed}``) instead of training it again.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from models import Gene  # noqa: E402
 from pipeline import FULL, QUICK, Pipeline, Recipe, compare, inside  # noqa: E402
 from search.evaluator import CandidateEvaluator, cached_batches  # noqa: E402
 from utils import checkpoint  # noqa: E402
+from utils.config import UserError  # noqa: E402
 
 # The main job's recipe, scaled up where the 15-minute limit made it thin: the PruningNet trained one
 # epoch longer, a 2.5x larger sub-validation split and a 2x larger recalibration set (a less noisy
@@ -53,9 +56,29 @@ RETRAIN_FIELDS = ("width", "batch", "lr", "retrain_epochs", "steps_per_epoch", "
 class ReusingPipeline(Pipeline):
     """A Pipeline that returns an earlier run's from-scratch result for a (seed, gene) it holds."""
 
-    def __init__(self, *args, done: dict[tuple, dict], **kwargs) -> None:
+    def __init__(self, *args, done: dict[tuple, dict], pruningnets: Path | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.done = done
+        self.done, self.pruningnets = done, pruningnets
+
+    def train_pruningnet(self) -> dict[str, float]:
+        """Train the PruningNet, or copy the one an earlier run trained with this recipe and seed."""
+        if self.pruningnets is None:
+            return super().train_pruningnet()
+        src = self.pruningnets / f"seed{self.seed}" / self.pruningnet
+        try:
+            state = checkpoint.load(src, "model", "--pruningnets")
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        r, config = self.r, state["config"]
+        want = {"arch": f"{self.arch}_pruningnet", "epochs": r.pruning_epochs, "lr": r.pruning_lr,
+                "width_mult": r.width, "batch_size": r.batch, "seed": self.seed, "val_per_class": r.val_per_class,
+                "steps_per_epoch": r.steps_per_epoch}
+        differ = [k for k, v in want.items() if config.get(k) != v]
+        if differ or state["epoch"] != r.pruning_epochs:
+            raise ValueError(f"--pruningnets {src}: trained with another recipe ({', '.join(differ) or 'unfinished'})")
+        checkpoint.copy(src, self.run_dir / self.pruningnet)
+        self.times["PruningNet"] = 0.0
+        return state["metrics"]
 
     def retrain(self, gene: Gene, suffix: str) -> dict[str, float]:
         hit = self.done.get((self.seed, tuple(self.layout.format(gene))))
@@ -162,15 +185,20 @@ def main() -> None:
     ap.add_argument("--tau-genes", type=int, default=12)
     ap.add_argument("--pruning-epochs", type=int, help=f"PruningNet epochs (recipe: {REPRO.pruning_epochs})")
     ap.add_argument("--recal-batches", type=int, help=f"BN recalibration batches (recipe: {REPRO.recal_batches})")
+    ap.add_argument("--iterations", type=int, help=f"search iterations (recipe: {REPRO.iterations})")
+    ap.add_argument("--min-fraction", type=float,
+                    help="searched genes cost at least this fraction of the budget (recipe: no lower bound)")
     ap.add_argument("--tau-recal", type=int, nargs="+",
                     help="recalibration sizes the tau genes are also scored with (default: the recipe's and 4x)")
     ap.add_argument("--tag", default="", help="names a variant: runs/reproduce/{arch}{tag}, reproduce_{arch}{tag}.json")
     ap.add_argument("--reuse", type=Path, help="an earlier run's JSON: its from-scratch results and tau genes")
+    ap.add_argument("--pruningnets", type=Path, help="an earlier run folder: its trained PruningNets")
     ap.add_argument("--quick", action="store_true", help="tiny recipe: checks the machinery, not the claims")
     args = ap.parse_args()
     recipe, start = (QUICK if args.quick else REPRO), time.perf_counter()
     recipe = replace(recipe, pruning_epochs=args.pruning_epochs or recipe.pruning_epochs,
-                     recal_batches=args.recal_batches or recipe.recal_batches)
+                     recal_batches=args.recal_batches or recipe.recal_batches,
+                     iterations=args.iterations or recipe.iterations, min_fraction=args.min_fraction or 0.0)
     tag = args.tag + ("_quick" if args.quick else "")
     if recipe != REPRO and not tag:
         ap.error("a changed recipe needs --tag (the reproduction's own results are not to be overwritten)")
@@ -183,8 +211,12 @@ def main() -> None:
     base = Path("runs/reproduce") / f"{args.arch}{tag}"
     comparisons, pipes = [], {}
     for seed in args.seeds:
-        p = pipes[seed] = ReusingPipeline(args.arch, seed, recipe, base / f"seed{seed}", done=done)
-        p.train_pruningnet()
+        p = pipes[seed] = ReusingPipeline(args.arch, seed, recipe, base / f"seed{seed}", done=done,
+                                          pruningnets=args.pruningnets)
+        try:
+            p.train_pruningnet()
+        except ValueError as e:
+            ap.error(str(e))
         for fraction in args.budgets:
             comparisons.append({"seed": seed, **compare(p, fraction)})
     for c in comparisons:

@@ -5,6 +5,7 @@ from dataclasses import asdict, replace
 
 import pytest
 from conftest import ROOT
+from data.synthetic import make_fashion_mnist
 from pipeline import QUICK, Pipeline
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -67,3 +68,23 @@ def test_reusing_pipeline_returns_an_earlier_result_without_training(tmp_path):
     assert p.retrain(gene, "_uniform25") == {"top1": 70.0}
     assert p.times["retrain_uniform25"] == 9.0
     assert not (tmp_path / "run").exists()  # no stage ran
+
+
+def test_a_variant_reuses_trained_pruningnets_and_searches_near_the_budget(tmp_path):
+    root = str(make_fashion_mnist(tmp_path / "fm", train_per_class=40, test_per_class=5))
+    earlier = Pipeline("resnet50", 0, QUICK, tmp_path / "earlier" / "seed0", root)
+    earlier.train_pruningnet()
+    p = ReusingPipeline("resnet50", 0, replace(QUICK, min_fraction=0.9), tmp_path / "variant" / "seed0", root,
+                        done={}, pruningnets=tmp_path / "earlier")
+    p.train_pruningnet()
+    assert p.times["PruningNet"] == 0  # copied, not trained
+    copied = (p.run_dir / p.pruningnet).read_bytes()
+    assert copied == (earlier.run_dir / earlier.pruningnet).read_bytes()
+    budget = p.budget_mmac(0.25)
+    costs = [p.costs(p.layout.parse(c)).macs / 1e6 for c in p.search(budget)]
+    assert costs and all(0.9 * budget <= c <= budget for c in costs)
+
+    longer = ReusingPipeline("resnet50", 0, replace(QUICK, pruning_epochs=2), tmp_path / "longer" / "seed0", root,
+                             done={}, pruningnets=tmp_path / "earlier")
+    with pytest.raises(ValueError, match=r"another recipe \(epochs\)"):
+        longer.train_pruningnet()
