@@ -65,8 +65,9 @@ class ReusingPipeline(Pipeline):
         if self.pruningnets is None:
             return super().train_pruningnet()
         src = self.pruningnets / f"seed{self.seed}" / self.pruningnet
+        last = src.with_name(src.name.replace("_best", "_checkpoint"))
         try:
-            state = checkpoint.load(src, "model", "--pruningnets")
+            state, finished = (checkpoint.load(path, "model", "--pruningnets") for path in (src, last))
         except UserError as e:
             raise ValueError(str(e)) from None
         r, config = self.r, state["config"]
@@ -74,8 +75,10 @@ class ReusingPipeline(Pipeline):
                 "width_mult": r.width, "batch_size": r.batch, "seed": self.seed, "val_per_class": r.val_per_class,
                 "steps_per_epoch": r.steps_per_epoch}
         differ = [k for k, v in want.items() if config.get(k) != v]
-        if differ or state["epoch"] != r.pruning_epochs:
-            raise ValueError(f"--pruningnets {src}: trained with another recipe ({', '.join(differ) or 'unfinished'})")
+        if differ:
+            raise ValueError(f"--pruningnets {src}: trained with another recipe ({', '.join(differ)})")
+        if finished["epoch"] != r.pruning_epochs:  # _best may come from an earlier epoch: the last one tells
+            raise ValueError(f"--pruningnets {last}: unfinished, at epoch {finished['epoch']} of {r.pruning_epochs}")
         checkpoint.copy(src, self.run_dir / self.pruningnet)
         self.times["PruningNet"] = 0.0
         return state["metrics"]
@@ -158,6 +161,28 @@ def proxy_scores(p: Pipeline, genes: list, recal_batches: int) -> list[float]:
         return [evaluator.top1(g) for g in genes]
 
 
+def proxy_quality(p: Pipeline, genes: list, recals: list[int] | None) -> tuple[list[dict], dict, dict]:
+    """Each gene's PruningNet score (at the recipe's and the ``recals`` recalibration sizes) and
+    from-scratch top-1; Kendall's tau by recalibration size, and over each half of the MACs range."""
+    recals = recals or [p.r.recal_batches, 4 * p.r.recal_batches]
+    proxy = {n: proxy_scores(p, genes, n) for n in dict.fromkeys([p.r.recal_batches, *recals])}
+    rows = []
+    for i, g in enumerate(genes):
+        scratch = p.retrain(g, f"_tau{i:02d}")
+        rows.append({"gene": p.layout.format(g), "mmac": round(p.costs(g).macs / 1e6, 3),
+                     "proxy_top1": round(proxy[p.r.recal_batches][i], 2),
+                     **{f"proxy_top1_recal{n}": round(v[i], 2) for n, v in proxy.items()},
+                     "scratch_top1": round(scratch["top1"], 2)})
+    scratch = [r["scratch_top1"] for r in rows]
+    by_recal = {n: kendall_tau([r[f"proxy_top1_recal{n}"] for r in rows], scratch) for n in proxy}
+    # Budgets of 25% and 50% lie in the lower half of the MACs range: how well are genes ranked there?
+    half = p.costs(p.layout.full()).macs / 2e6
+    by_half = {side: kendall_tau([r["proxy_top1"] for r in part], [r["scratch_top1"] for r in part])
+               for side, part in (("lower", [r for r in rows if r["mmac"] <= half]),
+                                  ("upper", [r for r in rows if r["mmac"] > half]))}
+    return rows, by_recal, by_half
+
+
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
 
@@ -182,7 +207,7 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet50", choices=("resnet50", "mobilenetv2"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.5], help="none: the tau genes only")
-    ap.add_argument("--tau-genes", type=int, default=12)
+    ap.add_argument("--tau-genes", type=int, default=12, help="0: no proxy-quality stage")
     ap.add_argument("--pruning-epochs", type=int, help=f"PruningNet epochs (recipe: {REPRO.pruning_epochs})")
     ap.add_argument("--recal-batches", type=int, help=f"BN recalibration batches (recipe: {REPRO.recal_batches})")
     ap.add_argument("--iterations", type=int, help=f"search iterations (recipe: {REPRO.iterations})")
@@ -224,18 +249,8 @@ def main() -> None:
             r["reused"] = (c["seed"], tuple(r["gene"])) in done
     p = pipes[tau_seed]
     genes = [p.layout.parse(g) for g in reused_genes] or spread_genes(p, args.tau_genes, 0.15, 0.9, seed=1)
-    recals = args.tau_recal or [recipe.recal_batches, 4 * recipe.recal_batches]
-    proxy = {n: proxy_scores(p, genes, n) for n in dict.fromkeys([recipe.recal_batches, *recals])}
-    tau_rows = []
-    for i, g in enumerate(genes):
-        scratch = p.retrain(g, f"_tau{i:02d}")
-        tau_rows.append({"gene": p.layout.format(g), "mmac": round(p.costs(g).macs / 1e6, 3),
-                         "proxy_top1": round(proxy[recipe.recal_batches][i], 2),
-                         **{f"proxy_top1_recal{n}": round(v[i], 2) for n, v in proxy.items()},
-                         "scratch_top1": round(scratch["top1"], 2)})
-    scratch = [r["scratch_top1"] for r in tau_rows]
-    tau_by_recal = {n: kendall_tau([r[f"proxy_top1_recal{n}"] for r in tau_rows], scratch) for n in proxy}
-    tau = tau_by_recal[recipe.recal_batches]
+    tau_rows, tau_by_recal, tau_by_half = proxy_quality(p, genes, args.tau_recal) if genes else ([], {}, {})
+    tau = tau_by_recal.get(recipe.recal_batches)
 
     lines = [f"## Small-scale reproduction ({args.arch}, Fashion-MNIST, CPU)", "",
              f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({(time.perf_counter() - start) / 3600:.1f} h on "
@@ -251,18 +266,21 @@ def main() -> None:
         summary.append({"budget": fraction, "searched": s, "uniform": u, "difference": d})
         lines.append(f"| {fraction:.0%} ({rows[0]['budget_mmac']} MMac) | {mean_std(s)} | {mean_std(u)} | "
                      f"{mean_std(d)} | {len(rows)} |")
-    lines += ["", f"Kendall tau between PruningNet top-1 and from-scratch top-1 over {len(tau_rows)} genes "
-              f"(15–90% of the full MACs, seed {tau_seed}): **{tau:.3f}**; by recalibration batches: "
-              f"{', '.join(f'{n}: {t:.3f}' for n, t in tau_by_recal.items())}", "",
-              "![proxy vs from-scratch top-1](reproduce_tau.png)", ""]
+    if tau_rows:
+        lines += ["", f"Kendall tau between PruningNet top-1 and from-scratch top-1 over {len(tau_rows)} genes "
+                  f"(15–90% of the full MACs, seed {tau_seed}): **{tau:.3f}**; by recalibration batches: "
+                  f"{', '.join(f'{n}: {t:.3f}' for n, t in tau_by_recal.items())}; over the genes of at most / "
+                  f"more than half the full MACs: {tau_by_half['lower']:.3f} / {tau_by_half['upper']:.3f}", "",
+                  "![proxy vs from-scratch top-1](reproduce_tau.png)", ""]
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     result = {"arch": args.arch, "command": " ".join(sys.argv), "recipe": asdict(recipe), "summary": summary,
-              "comparisons": comparisons, "tau": tau, "tau_by_recal": tau_by_recal, "tau_genes": tau_rows,
+              "comparisons": comparisons, "tau": tau, "tau_by_recal": tau_by_recal,
+              "tau_by_half": tau_by_half, "tau_genes": tau_rows,
               "reused_from": str(args.reuse) if args.reuse else None,
               "hours": round((time.perf_counter() - start) / 3600, 2)}
     (out / f"reproduce_{args.arch}{tag}.json").write_text(json.dumps(result, indent=1))
-    if not tag:
+    if not tag and tau_rows:
         plot(tau_rows, tau, ROOT / "docs" / "reproduce_tau.png")
         (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
