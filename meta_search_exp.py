@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from data import fixed_batches, get_data, make_loader
+from data import get_data
 from models import Gene, get_family, is_pruningnet, recalibrate_bn
 from models.cost import channel_table, cost_model, format_table
 from search import evolution, latency
-from search.evaluator import CandidateEvaluator, cached_batches
+from search.evaluator import CandidateEvaluator, search_evaluator
 from utils import checkpoint
 from utils.config import (CHECKPOINT_DIR, LOG_DIR, Parser, UserError, add_common_args, dump, parse_args,
                           run_script)
@@ -323,9 +323,7 @@ def main(argv: list[str] | None = None) -> list:
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=True,
                     defer_split=True)
     state = initial_state(args, layout, feasible, resumed)
-    recal = fixed_batches(data.train_eval, args.recal_batches, args.batch_size, args.seed)
-    evaluator = CandidateEvaluator(net, recal, cached_batches(
-        make_loader(data.subval, args.batch_size, False, args.workers), device), device)
+    evaluator = search_evaluator(net, data, args.recal_batches, args.batch_size, args.seed, device, args.workers)
     checkpoint.check_writable(CHECKPOINT_DIR, files.log.parent)
     if dist_info.main:
         data.save_split()

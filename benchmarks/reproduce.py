@@ -34,10 +34,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from data import fixed_batches, get_data, make_loader  # noqa: E402
+from data import get_data  # noqa: E402
 from models import Gene  # noqa: E402
+from models.gene import NUM_SCALES  # noqa: E402
 from pipeline import FULL, QUICK, Pipeline, Recipe, compare, inside  # noqa: E402
-from search.evaluator import CandidateEvaluator, cached_batches  # noqa: E402
+from search.evaluator import search_evaluator  # noqa: E402
 from utils import checkpoint  # noqa: E402
 from utils.config import UserError  # noqa: E402
 
@@ -141,7 +142,7 @@ def spread_genes(p: Pipeline, n: int, low: float, high: float, seed: int) -> lis
     rng, full = random.Random(seed), p.costs(p.layout.full()).macs
     macs = {}
     for _ in range(20000):
-        g = p.layout.sample(rng, *sorted((rng.randrange(31), rng.randrange(31))))
+        g = p.layout.sample(rng, *sorted((rng.randrange(NUM_SCALES), rng.randrange(NUM_SCALES))))
         macs[g] = p.costs(g).macs
     picked = []
     for k in range(n):
@@ -155,9 +156,7 @@ def proxy_scores(p: Pipeline, genes: list, recal_batches: int) -> list[float]:
     with inside(p.run_dir):
         net = checkpoint.build_model(checkpoint.load(p.pruningnet))
         data = get_data("fashionmnist", None, 32, p.r.val_per_class, hold_out=True, seed=p.seed)
-        recal = fixed_batches(data.train_eval, recal_batches, p.r.batch, p.seed)
-        evaluator = CandidateEvaluator(net, recal, cached_batches(make_loader(data.subval, p.r.batch, False, 0),
-                                                                  torch.device("cpu")), torch.device("cpu"))
+        evaluator = search_evaluator(net, data, recal_batches, p.r.batch, p.seed, torch.device("cpu"))
         return [evaluator.top1(g) for g in genes]
 
 

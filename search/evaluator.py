@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from data import DataBundle, fixed_batches, make_loader
 from models import Gene, PruningNet, recalibrate_bn
 from utils.engine import evaluate
 
@@ -47,3 +48,12 @@ def cached_batches(loader, device: torch.device, max_bytes: int = 4 * 2 ** 30) -
     if x[0].numel() * x.element_size() * len(loader.dataset) > max_bytes:
         return loader
     return [(x.to(device), y.to(device)) for x, y in loader]
+
+
+def search_evaluator(net: PruningNet, data: DataBundle, recal_batches: int, batch_size: int, seed: int,
+                     device: torch.device, workers: int = 0) -> CandidateEvaluator:
+    """The search's scorer: BN recalibrated on ``recal_batches`` fixed training batches, top-1 on the
+    whole sub-validation split (cached on ``device`` when it fits)."""
+    recal = fixed_batches(data.train_eval, recal_batches, batch_size, seed)
+    return CandidateEvaluator(net, recal, cached_batches(make_loader(data.subval, batch_size, False, workers), device),
+                              device)

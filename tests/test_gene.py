@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from models import SCALES, get_family
@@ -89,8 +91,6 @@ def test_free_positions_exclude_fixed():
 
 
 def test_sample_within_an_id_range():
-    import random
-
     rng, free = random.Random(0), set(R50.free_positions())
     genes = [R50.sample(rng, 5, 7) for _ in range(200)]
     assert {g[i] for g in genes for i in free} == {5, 6, 7}
