@@ -110,7 +110,7 @@ def resolve_gene(args: argparse.Namespace) -> tuple[Gene, str | None]:
 def inherit_weights(model: torch.nn.Module, gene: Gene, path: str) -> None:
     """Start ``model`` from checkpoint ``path``: a PruningNet's materialized PrunedNet for ``gene``,
     or the weights of a PrunedNet of the same gene (e.g. a search's exported best candidate)."""
-    state = checkpoint.load(path, checkpoint.MODEL, "--inherit")
+    state = checkpoint.load(path, checkpoint.MODEL, "--inherit", mmap=True)
     family = model.spec.layout.family
     if get_family(state["arch"]).layout != model.spec.layout:
         raise UserError(f"--inherit {path}: holds {state['arch']}, not a network of the {family} family")
@@ -134,7 +134,7 @@ def build_pruningnet(args: argparse.Namespace, data, device: torch.device, dist_
     """The PruningNet, its checkpoint record, and ``--valuate``'s probe-gene scoring on the sub-val split."""
     layout = get_family(args.arch).layout
     model = create_model(args.arch, **model_args).to(device)
-    recal = fixed_batches(data.train_eval, args.recal_batches, args.batch_size, args.seed)
+    recal = fixed_batches(data.train_eval, args.recal_batches, args.batch_size, args.seed, device, args.workers)
     subval = make_loader(data.subval, args.batch_size, False, args.workers, rank=dist_info.rank,
                          world_size=dist_info.world_size, pin_memory=device.type == "cuda")
     evaluator = CandidateEvaluator(model, recal, subval, device, reduce=dist_info.enabled)
@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.dry_run:
         print(dump(args))
         return {}
-    dist_info, device = setup(args)
-    torch.manual_seed(args.seed)
-    resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume") if args.resume else None
     pruning = is_pruningnet(args.arch)
+    dist_info, device = setup(args, fixed_shapes=not pruning)
+    torch.manual_seed(args.seed)
+    resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True) if args.resume else None
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning,
                     seed=args.seed, defer_split=True)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}

@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.dry_run:
         print(dump(args))
         return {}
-    dist_info, device = setup(args)
+    dist_info, device = setup(args, fixed_shapes=True)
     torch.manual_seed(args.seed)
-    resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume") if args.resume else None
+    resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True) if args.resume else None
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=False, seed=args.seed)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     gene, _ = resolve_gene(args)

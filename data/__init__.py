@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.config import UserError
 
 from . import fashion_mnist, folder, split
+from .cache import DecodedBatches, decode
 
 
 @dataclass
@@ -131,9 +132,10 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, workers: int, seed: i
                       generator=torch.Generator().manual_seed(seed))
 
 
-def fixed_batches(ds: Dataset, n_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-    """``n_batches`` input batches drawn once (seeded) from ``ds``: the BN recalibration set."""
+def fixed_batches(ds: Dataset, n_batches: int, batch_size: int, seed: int = 0,
+                  device: torch.device = torch.device("cpu"), workers: int = 0) -> DecodedBatches:
+    """``n_batches`` input batches drawn once (seeded) from ``ds``, decoded once for ``device``:
+    the BN recalibration set."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds), generator=g)[: n_batches * batch_size].tolist()
-    loader = DataLoader(Subset(ds, order), batch_size=batch_size, collate_fn=getattr(ds, "collate", None))
-    return [x for x, _ in loader]
+    return decode(ds, batch_size, device, workers, indices=order, labels=False)

@@ -34,6 +34,16 @@ class Images(Dataset):
         with Image.open(path) as img:
             return self.transform(img.convert("RGB")), target
 
+    def raw(self) -> tuple[Images, Callable[[torch.Tensor], torch.Tensor]]:
+        """These images before their normalization (uint8), and the normalization, which takes
+        single images and batches alike (``data.cache`` keeps decoded sets this way)."""
+        steps = getattr(self.transform, "transforms", [])
+        if not steps or not isinstance(steps[-1], Normalize):
+            raise ValueError("raw() needs a transform ending in data.folder.Normalize (the eval transform)")
+        from torchvision import transforms as T
+
+        return Images(self.samples, T.Compose(steps[:-1]), self.seed), steps[-1]
+
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         out = []
         with torch.random.fork_rng(devices=[]):
@@ -48,13 +58,33 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63
 
 
+class Normalize:
+    """uint8 images ``(C, H, W)`` or batches ``(N, C, H, W)`` to normalized floats, on the tensor's
+    own device, with the very operations of torchvision's ``ToTensor`` + ``Normalize`` (on the CPU the
+    result is bit for bit theirs; a GPU does the same IEEE float operations)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = mean, std
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "_on": {}}  # loader workers get no GPU tensors
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device not in self._on:  # made once per device: no host-to-device copy per batch
+            self._on[x.device] = tuple(torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (self.mean, self.std))
+        mean, std = self._on[x.device]
+        return x.float().div_(255).sub_(mean).div_(std)
+
+
 def transforms(input_size: int) -> tuple[Callable, Callable]:
     """Standard ImageNet train (random-resized crop, flip) and eval (resize, center crop) transforms."""
     from torchvision import transforms as T  # imported late: it costs seconds that --dry-run should not pay
 
-    norm = [T.ToTensor(), T.Normalize(MEAN, STD)]
-    train = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), *norm])
-    evaluate = T.Compose([T.Resize(int(round(input_size / 0.875))), T.CenterCrop(input_size), *norm])
+    train = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                       T.Normalize(MEAN, STD)])
+    evaluate = T.Compose([T.Resize(int(round(input_size / 0.875))), T.CenterCrop(input_size), T.PILToTensor(),
+                          Normalize(MEAN, STD)])
     return train, evaluate
 
 

@@ -15,10 +15,12 @@ from PIL import Image
 
 
 def make_image_folder(root: str | Path, num_classes: int = 3, train_per_class: int = 12, val_per_class: int = 4,
-                      size: int = 24, seed: int = 0) -> Path:
-    """Write ``root/train/class_k/*.jpg`` and ``root/val/class_k/*.jpg``; return ``root``."""
+                      size: int | tuple[int, int] = 24, seed: int = 0) -> Path:
+    """Write ``root/train/class_k/*.jpg`` and ``root/val/class_k/*.jpg`` of ``size`` pixels (a side,
+    or width and height: ImageNet's typical photo is 500 x 375); return ``root``."""
     root, rng = Path(root), np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    width, height = (size, size) if isinstance(size, int) else size
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
     for part, n in (("train", train_per_class), ("val", val_per_class)):
         for c in range(num_classes):
             out = root / part / f"class_{c:03d}"
@@ -27,7 +29,7 @@ def make_image_folder(root: str | Path, num_classes: int = 3, train_per_class: i
             angle = np.pi * c / num_classes
             stripes = 0.5 + 0.5 * np.sin(12 * (np.cos(angle) * xx + np.sin(angle) * yy))
             for i in range(n):
-                img = colour * (0.4 + 0.6 * stripes[..., None]) + rng.normal(0, 0.08, (size, size, 3))
+                img = colour * (0.4 + 0.6 * stripes[..., None]) + rng.normal(0, 0.08, (height, width, 3))
                 Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(out / f"{i:04d}.jpg", quality=90)
     return root
 

@@ -194,11 +194,19 @@ class PruningNet(nn.Module):
         self.register_buffer("scales", torch.tensor(SCALES), persistent=False)
 
     def generate(self, gene: Gene) -> list[torch.Tensor]:
-        """All conv weights of ``gene``, in spec order. Called once per gene, never per sample."""
-        ids = torch.tensor(gene).to(self.scales.device, non_blocking=True)
-        ratios = self.scales[ids]
+        """All conv weights of ``gene``, in spec order. Called once per gene, never per sample.
+
+        Always in fp32, also under autocast: a low-precision generator would first cast the whole
+        fp32 crop of every generator matrix (``h`` times the weight's size) to a new copy; the conv
+        that uses a generated weight casts that small weight instead.
+        """
+        device = self.scales.device
+        # pinned, so the copy to the GPU is queued without the host waiting for the device
+        ids = torch.tensor(gene, pin_memory=device.type == "cuda").to(device, non_blocking=True)
         ch = self.spec.channels(gene)
-        return [m.generate(ratios, _in_channels(m.spec, ch), ch[m.spec.out_slot]) for m in self.convs]
+        with torch.autocast(device.type, enabled=False):
+            ratios = self.scales[ids]
+            return [m.generate(ratios, _in_channels(m.spec, ch), ch[m.spec.out_slot]) for m in self.convs]
 
     def forward(self, x: torch.Tensor, gene: Gene) -> torch.Tensor:
         weights = iter(zip(self.convs, self.generate(gene)))
@@ -224,8 +232,12 @@ class PruningNet(nn.Module):
         """A PrunedNet for ``gene`` with the generated weights and that gene's per-scale BN statistics.
 
         In eval mode its output equals ``self(x, gene)``; it needs nothing of the PruningNet to run.
+        Built straight on the PruningNet's device without initializing weights (every tensor is
+        overwritten below), so it costs no host-to-device copy and draws nothing from the RNG.
         """
-        net = PrunedNet(self.spec, gene, self.num_classes).to(self.scales.device)
+        with torch.device("meta"):
+            net = PrunedNet(self.spec, gene, self.num_classes)
+        net = net.to_empty(device=self.scales.device)
         for gconv, target, w in zip(self.convs, net.conv_bns(), self.generate(gene)):
             target.conv.weight.copy_(w)
             src = gconv.bns[str(gene[gconv.spec.out_slot])]
@@ -243,16 +255,19 @@ class PruningNet(nn.Module):
 def recalibrate_bn(net: nn.Module, batches: Iterable[torch.Tensor], *args: object) -> nn.Module:
     """Replace every BN's running statistics by exact averages over ``batches``, then set eval mode.
 
-    Momentum ``None`` makes PyTorch keep a cumulative average, so the result does not depend on
-    batch order. Extra ``args`` are passed to the forward (the gene, for a PruningNet).
+    The average is cumulative: before batch ``i`` every BN's momentum is ``1 / (i + 1)``, which is
+    what momentum ``None`` computes, without that mode's read of ``num_batches_tracked`` on the
+    host in every BN forward (one device sync per BN per batch). Extra ``args`` are passed to the
+    forward (the gene, for a PruningNet).
     """
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None
     net.train()
-    for x in batches:
+    for i, x in enumerate(batches):
+        for m in bns:
+            m.momentum = 1.0 / (i + 1)
         net(x, *args)
     for m, momentum in zip(bns, saved):
         m.momentum = momentum

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import fashion_mnist, fixed_batches, get_data, make_loader
+from data import decode, fashion_mnist, fixed_batches, folder, get_data, make_loader
 from data.split import SPLIT_DIR
 from data.synthetic import make_fashion_mnist, make_image_folder
 from utils.config import UserError
@@ -86,9 +86,35 @@ def test_imagefolder_tensors_and_loader(image_root):
     assert [yb.tolist() for _, yb in loader] == first  # order is a function of (seed, epoch)
     loader.sampler.set_epoch(1)
     assert [yb.tolist() for _, yb in loader] != first
-    recal = fixed_batches(data.train_eval, 2, 5, seed=0)
+    recal = list(fixed_batches(data.train_eval, 2, 5, seed=0))
     assert len(recal) == 2 and recal[0].shape == (5, 3, 16, 16)
-    torch.testing.assert_close(recal[0], fixed_batches(data.train_eval, 2, 5, seed=0)[0])
+    torch.testing.assert_close(recal[0], next(iter(fixed_batches(data.train_eval, 2, 5, seed=0))))
+
+
+def test_decoded_sets_are_uint8_and_give_the_batches_of_torchvision_transforms(image_root):
+    from PIL import Image
+    from torchvision import transforms as T
+
+    data = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    # the reference: torchvision's own float pipeline, image by image, straight from the files
+    reference = T.Compose([T.Resize(18), T.CenterCrop(16), T.ToTensor(), T.Normalize(folder.MEAN, folder.STD)])
+
+    def expected(samples):
+        images = []
+        for path, _ in samples:
+            with Image.open(path) as img:
+                images.append(reference(img.convert("RGB")))
+        return torch.stack(images)
+
+    subval = decode(data.subval, 5, torch.device("cpu"))
+    assert subval.images.dtype == torch.uint8 and subval.images.shape == (12, 3, 16, 16)
+    batches = list(subval)
+    assert [len(y) for _, y in batches] == [5, 5, 2]  # the batches of a loader with batch size 5
+    assert torch.equal(torch.cat([x for x, _ in batches]), expected(data.subval.samples))
+    assert torch.cat([y for _, y in batches]).tolist() == [t for _, t in data.subval.samples]
+    recal = fixed_batches(data.train_eval, 2, 4, seed=3)
+    order = torch.randperm(len(data.train_eval), generator=torch.Generator().manual_seed(3))[:8].tolist()
+    assert torch.equal(torch.cat(list(recal)), expected([data.train_eval.samples[i] for i in order]))
 
 
 @pytest.fixture

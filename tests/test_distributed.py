@@ -12,7 +12,9 @@ import torch
 from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, invoke, read_jsonl
+from models import create_model
 from utils import checkpoint
+from utils.engine import wrap_ddp
 
 CKPT = "checkpoints/meta_prune"
 TRAIN = ["--arch", "mobilenetv2_pruningnet", "--epochs", "1", "--lr", "0.05", "--vis-interval", "1",
@@ -60,9 +62,12 @@ def test_checkpoint_of_two_processes_resumes_in_one(work):
     path = work / CKPT / "imagenet_mobilenetv2_pruningnet_w2_checkpoint.pth.tar"
     state = checkpoint.load(path)
     assert state["world_size"] == 2 and state["epoch"] == 2
+    # each process's own RNG state: their dropout masks differ
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     r = invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--epochs", "3", "--suffix", "_w2", "--resume", str(path),
                cwd=work)
     assert r.returncode == 0, r.stderr
+    assert "the checkpoint holds the RNG states of 2 process(es), this run has 1" in r.stdout
     resumed = checkpoint.load(path)
     assert resumed["epoch"] == 3 and resumed["world_size"] == 1
     epochs = [r["epoch"] for r in read_jsonl(work / "logs/imagenet_mobilenetv2_pruningnet_w2.jsonl")
@@ -122,3 +127,20 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(work):
     r = invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--epochs", str(state["epoch"] + 1), "--suffix", "_sig",
                "--resume", str(ckpt), cwd=work)
     assert r.returncode == 0, r.stderr
+
+
+def test_pruningnet_ddp_keeps_gradients_in_its_buckets_and_broadcasts_no_buffers(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = create_model("mobilenetv2_pruningnet", num_classes=3, width_mult=0.125, small_input=True)
+        ddp = wrap_ddp(net, torch.device("cpu"), pruningnet=True)
+        assert not ddp.forward_sync_buffers  # thousands of per-scale BN buffers, never needed on the other ranks
+        ddp(torch.randn(2, 3, 16, 16), net.spec.layout.full()).sum().backward()
+        grads = [p.grad for p in net.parameters()]
+        # views into DDP's buckets: many gradients share one storage, no second full-size copy
+        assert len({g.untyped_storage().data_ptr() for g in grads}) < len(grads) / 10
+        plain = create_model("mobilenetv2_prunednet", num_classes=3, width_mult=0.125, small_input=True)
+        assert wrap_ddp(plain, torch.device("cpu"), pruningnet=False).forward_sync_buffers
+    finally:
+        torch.distributed.destroy_process_group()

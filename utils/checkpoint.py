@@ -105,17 +105,22 @@ def copy(src: str | Path, dst: str | Path) -> None:
         _atomic_write(Path(dst), lambda out: shutil.copyfileobj(f, out))
 
 
-def load(path: str | Path, kind: str | None = None, flag: str = "checkpoint") -> dict[str, Any]:
+def load(path: str | Path, kind: str | None = None, flag: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
     """Load a MetaPrune checkpoint safely; user-facing problems become one-line ``UserError``s.
 
     ``kind`` (``"model"`` or ``"search"``) is checked so that a search checkpoint given where a
-    model checkpoint belongs (or the reverse) is named as such.
+    model checkpoint belongs (or the reverse) is named as such. ``mmap=True`` maps the file instead
+    of reading it: a multi-GB PruningNet is paged in as its tensors are copied into a model, and the
+    processes of a node share the page cache. Its tensors read the file itself, so drop them once
+    copied: rewriting the file in place while they live would crash the reader (this project's own
+    writes replace files atomically, which is safe).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # only the zip format maps; anything else goes the plain way to its error below
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # the safe unpickler names the class or function it refused
             raise UserError(f"{flag} {path}: not a PyTorch checkpoint file, or a corrupt one") from None

@@ -80,6 +80,9 @@ def add_common_args(p: Parser, arch_default: str | None = None) -> None:
     p.flag("--gpu", type=gpu_ids, default=None, help="CUDA device index (default: CUDA 0 when present, else CPU)")
     p.flag("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
     p.flag("--workers", "-j", type=int, default=4, help="data-loading worker processes")
+    p.flag("--dist-timeout", type=float, default=180.0,
+           help="minutes a torchrun process waits in a collective before the job is declared hung (covers "
+                "rank 0 alone writing a multi-GB checkpoint or measuring a latency table)")
     p.flag("--batch-size", "-b", type=int, default=256)
     p.flag("--epochs", type=int, default=90)
     p.flag("--seed", type=int, default=0)
@@ -184,6 +187,8 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if (args.width_mult is not None and args.width_mult <= 0) or args.workers < 0:
         raise UserError(f"--width-mult must be > 0 and --workers >= 0, got {args.width_mult} and {args.workers}")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise UserError(f"--dist-timeout must be a positive number of minutes, got {args.dist_timeout}")
     if not 1 <= args.vis_port <= 65535:
         raise UserError(f"--vis-port must be a TCP port in 1..65535, got {args.vis_port}")
     _check_ranges(args)

@@ -5,6 +5,7 @@ import argparse
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -50,32 +51,59 @@ def select_device(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda", index)
 
 
-def setup(args: argparse.Namespace) -> tuple[Dist, torch.device]:
+def setup(args: argparse.Namespace, fixed_shapes: bool) -> tuple[Dist, torch.device]:
     """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU), pick this process's device
-    and the kernels: cuDNN autotuning by default, deterministic ones with ``--deterministic``."""
-    if getattr(args, "deterministic", False):
+    and the kernels.
+
+    cuDNN autotuning (``cudnn.benchmark``) is on only where the conv shapes stay fixed
+    (``fixed_shapes``: PrunedNet training, the search's scoring of one candidate over thousands of
+    batches). A PruningNet changes its conv shapes with every step's gene, so autotuning there would
+    benchmark a new shape almost every step. ``--deterministic`` turns it off and picks
+    deterministic kernels.
+    """
+    deterministic = getattr(args, "deterministic", False)
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = fixed_shapes and not deterministic
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         device = select_device(args)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        check_amp(getattr(args, "amp", None), device)
         return Dist(), device
     if args.gpu is not None:
         raise UserError("--gpu is for one process; under torchrun pick GPUs with CUDA_VISIBLE_DEVICES")
     info = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = torch.cuda.is_available() and not args.cpu
     if use_cuda:
+        count = torch.cuda.device_count()
+        if info.local_rank >= count:
+            raise UserError(f"LOCAL_RANK {info.local_rank}: this node has {count} visible CUDA GPU(s), one per "
+                            f"process; start torchrun with --nproc-per-node {count} or fewer (or set "
+                            f"CUDA_VISIBLE_DEVICES to more GPUs)")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    check_amp(getattr(args, "amp", None), device)
+    # The other processes wait in a collective while rank 0 alone measures a latency table or writes
+    # (and copies) a PruningNet checkpoint of several GB: NCCL's default 10 minutes is too short.
+    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                            timeout=timedelta(minutes=args.dist_timeout))
     return info, device
+
+
+def check_amp(amp: str | None, device: torch.device) -> None:
+    """``--amp bf16`` needs bf16 tensor cores (compute capability 8.0, Ampere, or newer); older GPUs
+    such as the V100 would emulate it at a fraction of the speed."""
+    if amp != "bf16" or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has "
+                        f"no bf16 tensor cores and would emulate bf16 slowly; use --amp fp16 on this GPU")
 
 
 def cleanup() -> None:
@@ -91,8 +119,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum of ``values`` over all processes (identity in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    return sum_over_processes(torch.tensor(values, dtype=torch.float64, device=device))
+
+
+def sum_over_processes(t: torch.Tensor) -> list[float]:
+    """Element-wise sum of the device tensor ``t`` over all processes, read on the host: one
+    exchange and one device sync (``t`` is summed in place)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
     return t.tolist()
 
 

@@ -25,17 +25,34 @@ from models import Gene, GeneLayout
 
 from . import checkpoint
 from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_name
-from .distributed import Dist, all_gather, all_reduce_sum, any_process, barrier, cleanup
+from .distributed import Dist, all_gather, all_reduce_sum, barrier, cleanup, sum_over_processes
 from .logger import RunLogger, progress
 from .meters import correct_topk
 
 
+# fp16 steps in a row with a non-finite loss after which training stops: each was skipped and halved
+# the loss scale, so by then the overflow is in the forward pass, where the scale cannot help.
+FP16_OVERFLOW_STEPS = 50
+
+
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD with momentum; weight decay on weights only (not on BN, biases or generator input layers)."""
+    """SGD with momentum; weight decay on weights only (not on BN, biases or generator input layers).
+
+    The fused kernel updates every parameter in a few launches and takes GradScaler's inf check as
+    a device tensor, so an fp16 step does not wait for the device to learn whether to skip.
+    """
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, fused=True)
+    if args.momentum:
+        # PyTorch's fused SGD allocates its momentum buffers uninitialized at its first step and lets
+        # the kernel fill them; when GradScaler skips that step (fp16's first steps usually overflow)
+        # they stay garbage, and the next step writes it into the weights. A zero buffer gives what the
+        # first step computes (momentum * 0 + gradient, no dampening) without that hole.
+        for p in decay + no_decay:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def lr_factor(args: argparse.Namespace, progress_: float) -> float:
@@ -66,17 +83,27 @@ def autocast(args: argparse.Namespace, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
 
 
-def rng_state() -> dict[str, torch.Tensor | list]:
+def process_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of one process's torch RNG (dropout) from global step ``step`` on.
+
+    Distinct per rank, so the processes of a torchrun job draw different dropout masks; the gene of
+    a step and the data order have seeds of their own and stay the same on every rank.
+    """
+    return ((seed * 1_000_003 + rank) * 10_000_019 + step) % 2 ** 63
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's torch RNG states: the CPU generator and, on a GPU, that GPU's generator."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
@@ -137,7 +164,8 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, args: ar
     ``reduce`` sums the counts over all processes (each evaluated its own shard of the data).
     """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    n = 0  # samples, counted on the host: the device is read once, at the end
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args is not None and args.channels_last:
@@ -146,10 +174,12 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, args: ar
             out = model(x)
         out = out.float()
         top1, top5 = correct_topk(out, y, (1, 5))
-        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), top1.double(), top5.double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-    loss, hits1, hits5, n = all_reduce_sum(sums.tolist(), device) if reduce else sums.tolist()
-    n = max(n, 1.0)
+        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), top1.double(), top5.double()])
+        n += len(y)
+    loss, hits1, hits5 = sums.tolist()
+    if reduce:
+        loss, hits1, hits5, n = all_reduce_sum([loss, hits1, hits5, float(n)], device)
+    n = max(n, 1)
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "loss": loss / n}
 
 
@@ -169,8 +199,7 @@ class Trainer:
                 raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if dist_info.enabled else model
+        self.ddp = wrap_ddp(model, device, pruningnet=layout is not None) if dist_info.enabled else model
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.optimizer = build_optimizer(model, args)
         self.steps = min(len(loader), args.steps_per_epoch or len(loader))
@@ -181,12 +210,17 @@ class Trainer:
         self.best_path = CHECKPOINT_DIR / f"{name}_best.pth.tar"
         self.epoch, self.step_in_epoch, self.best, self.metrics = 0, 0, -1.0, {}
         self.stopping = False  # a stop signal reached some process
+        self.overflows = 0  # fp16 steps in a row whose loss was non-finite (skipped by the GradScaler)
 
     def resume(self, state: dict) -> None:
-        """Continue from a checkpoint that ``check_resume`` accepted."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state.get("scaler", {}))
+        """Continue from a checkpoint that ``check_resume`` accepted.
+
+        The weights and optimizer state are taken out of ``state`` once restored: the caller's dict
+        would otherwise keep a multi-GB PruningNet checkpoint referenced for the whole run.
+        """
+        self.model.load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.resume_loss_scale(state.get("scaler") or {}, state.get("config", {}).get("amp"))
         self.epoch, self.best, self.metrics = state["epoch"], state["best_top1"], state.get("metrics", {})
         # mid-epoch: go on after the same number of samples, whatever the batch size and world size
         self.step_in_epoch = state["samples_in_epoch"] // (self.args.batch_size * self.dist.world_size)
@@ -194,23 +228,48 @@ class Trainer:
         factor = lr_factor(self.args, (self.scheduler.last_epoch + 1) / self.steps)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor
-        set_rng_state(state["rng"])
+        self.resume_rng(state["rng"])
         self.logger.info(f"resumed {self.args.resume} at epoch {self.epoch} step {self.step_in_epoch} "
                          f"(best top-1 {self.best:.2f})")
 
-    def state(self) -> dict:
-        """Everything a resumed run needs, in plain types and tensors (safe to load)."""
+    def resume_loss_scale(self, saved: dict, saved_amp: str | None) -> None:
+        """fp16's loss scale goes on where the checkpoint left it; a checkpoint trained without fp16
+        has none, so under ``--amp fp16`` the scale starts afresh (and a scale is dropped without fp16)."""
+        amp = self.args.amp
+        if amp != saved_amp:
+            fresh = f"; the fp16 loss scale starts afresh at {self.scaler.get_scale():g}" if amp == "fp16" else ""
+            self.logger.info(f"the checkpoint was trained with --amp {saved_amp or 'none'}, this run uses --amp "
+                             f"{amp or 'none'}{fresh}")
+        if self.scaler.is_enabled() and saved:
+            self.scaler.load_state_dict(saved)
+
+    def resume_rng(self, saved: list[dict] | dict) -> None:
+        """Every process takes up its own RNG stream; with another number of processes the streams
+        restart from seeds of (seed, rank, step), which only changes the dropout masks drawn."""
+        states = saved if isinstance(saved, list) else [saved]  # older checkpoints kept one state
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank], self.device)
+            return
+        step = self.epoch * self.steps + self.step_in_epoch
+        torch.manual_seed(process_seed(self.args.seed, self.dist.rank, step))
+        self.logger.info(f"the checkpoint holds the RNG states of {len(states)} process(es), this run has "
+                         f"{self.dist.world_size}: dropout draws restart from the seeds of step {step}")
+
+    def state(self, rng: list[dict]) -> dict:
+        """Everything a resumed run needs, in plain types and tensors (safe to load); ``rng`` holds
+        every process's RNG states, in rank order."""
         return {"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, **self.record, "dataset": self.args.dataset,
                 "model": checkpoint.model_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "world_size": self.dist.world_size,
                 "samples_in_epoch": self.step_in_epoch * self.args.batch_size * self.dist.world_size,
                 "best_top1": self.best,
-                "metrics": self.metrics, "rng": rng_state(), "config": vars(self.args)}
+                "metrics": self.metrics, "rng": rng, "config": vars(self.args)}
 
     def save(self, best: bool = False) -> None:
+        rng = all_gather(rng_state(self.device))  # a collective: every process takes part
         if self.dist.main:
-            checkpoint.save(self.state(), self.ckpt_path)
+            checkpoint.save(self.state(rng), self.ckpt_path)
             if best:
                 checkpoint.copy(self.ckpt_path, self.best_path)
         barrier()
@@ -220,6 +279,8 @@ class Trainer:
         args = self.args
         if resume_state is not None:
             self.resume(resume_state)
+        else:
+            torch.manual_seed(process_seed(args.seed, self.dist.rank))
         if self.dist.main:
             checkpoint.save_text(json.dumps(vars(args), indent=1, sort_keys=True),
                                  CHECKPOINT_DIR / f"{run_name(args)}_config.json")
@@ -251,67 +312,128 @@ class Trainer:
         self.save(best=is_best)
 
     def train_one_epoch(self, stop: StopRequests) -> dict[str, float]:
-        """Train from ``step_in_epoch`` to the end of the epoch (or until a stop signal)."""
-        args, device = self.args, self.device
+        """Train from ``step_in_epoch`` to the end of the epoch (or until a stop signal).
+
+        Steps are queued on the device without the host waiting for them. The host reads the device
+        only at sync points: every ``--vis-interval`` steps (the logged point), before a mid-epoch
+        checkpoint, at the end of the epoch, and when a single process is signalled to stop. There
+        the losses since the last sync point are checked (nothing non-finite is ever saved) and,
+        under torchrun, the processes agree on stopping.
+        """
+        args = self.args
         self.loader.sampler.set_epoch(self.epoch)
         self.loader.sampler.set_start(self.step_in_epoch * self.loader.batch_size)
         self.loader.dataset.set_epoch(self.epoch)
         self.ddp.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, top-1 hits, samples
-        start, seen = time.perf_counter(), 0
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * n, top-1 hits, n: finite steps
+        window: list[tuple[int, Gene | None, torch.Tensor]] = []  # (step, gene, loss finite) since the last sync
+        start, seen, totals = time.perf_counter(), 0, None
         for x, y in progress(self.loader, desc=f"epoch {self.epoch + 1}/{args.epochs}", initial=self.step_in_epoch,
                              total=self.steps):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             step = self.epoch * self.steps + self.step_in_epoch
             gene = gene_for_step(self.layout, args.seed, step) if self.layout is not None else None
-            with autocast(args, device):
-                out = self.ddp(x, gene) if gene is not None else self.ddp(x)
-                loss = self.criterion(out.float(), y)
-            # one exchange per step decides for every process: all stop at the same step, or none
-            bad_loss, self.stopping = any_process([not torch.isfinite(loss).item(), stop.signal is not None], device)
-            if bad_loss:
-                what = (f"loss became {loss.item()}" if not torch.isfinite(loss)
-                        else "another process's loss became non-finite")
-                self.logger.info(f"non-finite loss: {what} at epoch {self.epoch} step {self.step_in_epoch}"
-                                 + (f" gene {self.layout.format(gene)}" if gene is not None else ""))
-                raise TrainingStopped(f"{what} at epoch {self.epoch} step {self.step_in_epoch}; the last good "
-                                      f"checkpoint {self.ckpt_path} is kept (lower --lr or add --warmup-epochs, then "
-                                      f"--resume it)")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            n = len(y)
-            sums += torch.stack([loss.detach().double() * n, correct_topk(out.detach(), y)[0].double(),
-                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
-            seen += n
+            loss, hits = self.train_step(x, y, gene)
+            finite = torch.isfinite(loss)  # fp16 steps with an overflow are left out of the means
+            sums += torch.stack([torch.where(finite, loss.double() * len(y), 0.0),
+                                 torch.where(finite, hits.double(), 0.0), finite.double() * len(y)])
+            window.append((step, gene, finite))
+            seen += len(y)
             self.step_in_epoch += 1
-            if self.step_in_epoch % args.vis_interval == 0 or self.step_in_epoch == self.steps:
-                # one device sync (and one all-reduce) per logging interval, not per step
-                loss_sum, hits, count = all_reduce_sum(sums.tolist(), device)
-                extra = {}
-                if gene is not None:
-                    if len(set(map(tuple, all_gather(gene)))) > 1:  # DDP would average different structures
-                        raise TrainingStopped(f"processes disagree on the gene of step {step}; all must run the same "
-                                              f"code and --seed")
-                    extra["gene"] = self.layout.format(gene)
-                self.logger.record("step", epoch=self.epoch, step=step + 1, loss=round(loss_sum / count, 5),
-                                   top1=round(100 * hits / count, 3), lr=self.optimizer.param_groups[0]["lr"],
-                                   img_s=round(seen * self.dist.world_size / (time.perf_counter() - start), 1),
-                                   **extra)
-            if args.save_every_steps and self.step_in_epoch % args.save_every_steps == 0 \
-                    and self.step_in_epoch < self.steps:
-                self.save()
-            if self.stopping or self.step_in_epoch == self.steps:
+            last = self.step_in_epoch == self.steps
+            log = self.step_in_epoch % args.vis_interval == 0 or last
+            save = bool(args.save_every_steps) and self.step_in_epoch % args.save_every_steps == 0 and not last
+            if log or save or (stop.signal is not None and not self.dist.enabled):
+                totals = self.sync_point(sums, window, stop)
+                window = []
+                if log:
+                    self.log_step(step, gene, totals, seen, start)
+                if save and not self.stopping:
+                    self.save()
+            if self.stopping or last:
                 break
+        if totals is None or window:  # a resume at the epoch's very end runs no step
+            totals = self.sync_point(sums, window, stop)
         elapsed = time.perf_counter() - start
-        loss_sum, hits, count = all_reduce_sum(sums.tolist(), device)
+        loss_sum, hits, count = totals
         count = max(count, 1.0)
         return {"loss": loss_sum / count, "top1": 100 * hits / count, "lr": self.optimizer.param_groups[0]["lr"],
                 "time": elapsed, "img_s": seen * self.dist.world_size / max(elapsed, 1e-9)}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, gene: Gene | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimization step, queued on the device: the loss and the top-1 hits, as device tensors."""
+        device = self.device
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if self.args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.args, device):
+            out = self.ddp(x, gene) if gene is not None else self.ddp(x)
+            loss = self.criterion(out.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)  # fused SGD: an inf/NaN gradient under fp16 skips the step on the device
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach(), correct_topk(out.detach(), y)[0]
+
+    def sync_point(self, sums: torch.Tensor, window: list[tuple[int, Gene | None, torch.Tensor]],
+                   stop: StopRequests) -> tuple[float, float, float]:
+        """One exchange (and one device sync): the epoch's loss and hit sums and sample count over all
+        processes; the finiteness of every loss since the last sync point; a stop signal that reached
+        any process. Returns (loss sum, top-1 hits, samples) of the steps with a finite loss.
+
+        A non-finite loss stops training, except under fp16, where the GradScaler has skipped that
+        step (its gradients were non-finite too): there training stops only when the loss stays
+        non-finite for ``FP16_OVERFLOW_STEPS`` steps in a row, which no loss scale can fix.
+        """
+        flags = torch.stack([f for _, _, f in window]).double() if window else sums.new_zeros(0)
+        stopping = torch.tensor([float(stop.signal is not None)], dtype=torch.float64)
+        loss_sum, hits, count, *finite, stops = sum_over_processes(torch.cat([sums, flags, stopping.to(self.device)]))
+        bad = [(step, gene) for (step, gene, _), n in zip(window, finite) if n < self.dist.world_size]
+        fp16 = self.args.amp == "fp16"
+        for n in finite:
+            self.overflows = self.overflows + 1 if n < self.dist.world_size else 0
+        if bad and (not fp16 or self.overflows >= FP16_OVERFLOW_STEPS):
+            step, gene = bad[0] if not fp16 else bad[-1]
+            where = f"epoch {self.epoch} step {step - self.epoch * self.steps}"
+            self.logger.info(f"non-finite loss at {where}"
+                             + (f" gene {self.layout.format(gene)}" if gene is not None else ""))
+            if fp16:
+                raise TrainingStopped(f"the fp16 training loss has been non-finite for {self.overflows} steps in a "
+                                      f"row up to {where}: an overflow in the forward pass, which the loss scale "
+                                      f"cannot fix; the last good checkpoint {self.ckpt_path} is kept (--resume it "
+                                      f"with --amp bf16, or without --amp)")
+            raise TrainingStopped(f"the training loss became non-finite at {where}; the last good checkpoint "
+                                  f"{self.ckpt_path} is kept (lower --lr or add --warmup-epochs, then --resume it)")
+        if bad:
+            step = bad[-1][0] - self.epoch * self.steps
+            self.logger.info(f"{len(bad)} fp16 step(s) with a non-finite loss skipped by the GradScaler (the last at "
+                             f"epoch {self.epoch} step {step}); loss scale now {self.scaler.get_scale():g}")
+        self.stopping = stops > 0
+        return loss_sum, hits, count
+
+    def log_step(self, step: int, gene: Gene | None, totals: tuple[float, float, float], seen: int,
+                 start: float) -> None:
+        """The logged point of a sync point: running means over the epoch so far."""
+        loss_sum, hits, count = totals
+        count = max(count, 1.0)  # 0 only when every step so far overflowed in fp16
+        extra = {}
+        if gene is not None:
+            if len(set(map(tuple, all_gather(gene)))) > 1:  # DDP would average different structures
+                raise TrainingStopped(f"processes disagree on the gene of step {step}; all must run the same "
+                                      f"code and --seed")
+            extra["gene"] = self.layout.format(gene)
+        self.logger.record("step", epoch=self.epoch, step=step + 1, loss=round(loss_sum / count, 5),
+                           top1=round(100 * hits / count, 3), lr=self.optimizer.param_groups[0]["lr"],
+                           img_s=round(seen * self.dist.world_size / (time.perf_counter() - start), 1), **extra)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, pruningnet: bool) -> DistributedDataParallel:
+    """DistributedDataParallel for training. Gradients live in DDP's buckets, so there is no second
+    full-size gradient (3.1 GB for the ResNet50 PruningNet). A PruningNet's thousands of per-scale
+    BN buffers are not broadcast every forward: its training BN uses batch statistics, and every
+    scoring recalibrates them."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=not pruningnet, gradient_as_bucket_view=True)
 
 
 def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data, device: torch.device,
