@@ -20,6 +20,15 @@ def rng() -> random.Random:
     return random.Random(1234)
 
 
+@pytest.fixture
+def work(tmp_path):
+    """A scratch working folder holding a tiny generated ImageFolder, ``img/`` (3 classes)."""
+    from data.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "img", num_classes=3, train_per_class=12, val_per_class=4, size=24)
+    return tmp_path
+
+
 def random_gene(layout, rng: random.Random) -> tuple[int, ...]:
     """A random valid gene: every free position uniform over 0..30."""
     return tuple(30 if i in layout.fixed else rng.randrange(31) for i in range(len(layout)))

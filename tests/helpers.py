@@ -45,6 +45,13 @@ def invoke(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
+def train(work: Path, *args: str) -> subprocess.CompletedProcess:
+    """``meta_trainer_exp.py`` on the tiny data in ``work``, which must succeed."""
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, *args, cwd=work)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def dry_run(script: str, *args: str, cwd: Path) -> dict:
     r = invoke(script, *args, "--dry-run", cwd=cwd)
     assert r.returncode == 0, r.stderr

@@ -17,8 +17,7 @@ import meta_trainer_exp
 import utils.engine
 from conftest import random_gene
 from data import DecodedBatches, get_data, make_loader
-from data.synthetic import make_image_folder
-from helpers import TINY_DATA, TINY_TRAIN, invoke
+from helpers import TINY_DATA, TINY_TRAIN, invoke, train
 from models import create_model, recalibrate_bn
 from search.evaluator import CandidateEvaluator, search_evaluator
 from utils import checkpoint, distributed
@@ -28,18 +27,6 @@ from utils.engine import Trainer, process_seed
 
 CKPT = "checkpoints/meta_prune"
 PRUNING = ["--arch", "mobilenetv2_pruningnet", "--cpu"]
-
-
-@pytest.fixture
-def work(tmp_path):
-    make_image_folder(tmp_path / "img", num_classes=3, train_per_class=12, val_per_class=4, size=24)
-    return tmp_path
-
-
-def train(work, *args):
-    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, *args, cwd=work)
-    assert r.returncode == 0, r.stderr
-    return r
 
 
 # --- mixed precision -------------------------------------------------------------------------------

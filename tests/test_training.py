@@ -12,26 +12,13 @@ import pytest
 import torch
 
 from data import fixed_batches, get_data, make_loader
-from data.synthetic import make_image_folder
 from conftest import ROOT
-from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl, run_script
+from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl, run_script, train
 from models import get_family
 from search.evaluator import CandidateEvaluator
 from utils import checkpoint
 
 CKPT = "checkpoints/meta_prune"
-
-
-@pytest.fixture
-def work(tmp_path):
-    make_image_folder(tmp_path / "img", num_classes=3, train_per_class=12, val_per_class=4, size=24)
-    return tmp_path
-
-
-def train(work, *args):
-    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, *args, cwd=work)
-    assert r.returncode == 0, r.stderr
-    return r
 
 
 @pytest.mark.parametrize("family", ["resnet50", "mobilenetv2"])
