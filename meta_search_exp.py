@@ -8,6 +8,7 @@ candidate is exported as a standalone PrunedNet checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -27,8 +28,8 @@ from models.cost import channel_table, cost_model, format_table
 from search import evolution, latency
 from search.evaluator import CandidateEvaluator, search_evaluator
 from utils import checkpoint
-from utils.config import (CHECKPOINT_DIR, LOG_DIR, Parser, UserError, add_common_args, dump, parse_args,
-                          run_script)
+from utils.config import (CHECKPOINT_DIR, LOG_DIR, Parser, UserError, add_common_args, check_log_file, dump,
+                          parse_args, run_script)
 from utils.distributed import Dist, all_gather, any_process, barrier, cleanup, setup
 from utils.engine import StopRequests
 from utils.logger import RunLogger
@@ -81,6 +82,8 @@ def _validate(args: argparse.Namespace) -> None:
     if args.recal_batches < 1 or args.lut_batch < 1 or args.lut_repeats < 1:
         raise UserError(f"--recal-batches, --lut-batch and --lut-repeats must be positive integers, got "
                         f"{args.recal_batches}, {args.lut_batch} and {args.lut_repeats}")
+    if args.log:
+        check_log_file(args.log, "--log")
     if not (args.resume or args.search_resume or args.dry_run):
         raise UserError("--resume PRUNINGNET_CHECKPOINT is required (the trained PruningNet that scores candidates)")
     try:
@@ -121,22 +124,29 @@ def budget_spelling(args: argparse.Namespace, argv: list[str]) -> str:
 
 @dataclass(frozen=True)
 class SearchFiles:
-    """Where a search writes: named ``MetaPruneSearch_{arch}_flops{budget}{suffix}``."""
+    """Where a search writes: named ``MetaPruneSearch_{arch}_flops{budget}{other budgets}{suffix}``."""
 
     budget: str  # the --flops budget as spelled by the user
+    stem: str
     checkpoint: Path
+    export: Path  # the best candidate as a standalone PrunedNet
     log: Path
 
 
 def search_files(args: argparse.Namespace, argv: list[str]) -> SearchFiles:
+    """The search's files, named after every budget that changes its result (``--flops`` as written,
+    then ``--min-flops``, ``--params``, ``--latency`` when given) and ``--suffix``."""
     budget = budget_spelling(args, argv)
-    stem = f"MetaPruneSearch_{args.arch}_flops{budget}{args.suffix}"
-    return SearchFiles(budget, CHECKPOINT_DIR / f"{stem}_checkpoint.pth.tar",
+    others = "".join(f"_{name}{value:g}" for name, value in (("minflops", args.min_flops), ("params", args.params),
+                                                             ("latency", args.latency)) if value)
+    stem = f"MetaPruneSearch_{args.arch}_flops{budget}{others}{args.suffix}"
+    return SearchFiles(budget, stem, CHECKPOINT_DIR / f"{stem}_checkpoint.pth.tar",
+                       CHECKPOINT_DIR / f"{stem}_best_prunednet.pth.tar",
                        Path(args.log) if args.log else LOG_DIR / f"{stem}.txt")
 
 
-def load_pruningnet(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, list[int]]:
-    """The PruningNet of ``--resume`` and where its training was (epoch, step) when saved."""
+def load_pruningnet(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The PruningNet of ``--resume`` and what identifies its weights (``checkpoint.identity``)."""
     state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True)
     if state["arch"] != args.arch:
         raise UserError(f"--resume {args.resume}: holds {state['arch']}, but --arch is {args.arch}")
@@ -146,8 +156,7 @@ def load_pruningnet(args: argparse.Namespace, device: torch.device) -> tuple[tor
     if args.width_mult not in (None, width):
         raise UserError(f"--width-mult {args.width_mult}: the PruningNet was trained at width {width}")
     args.width_mult, args.small_input = width, state["model_args"]["small_input"]
-    trained = [int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0))]
-    return checkpoint.build_model(state).to(device), trained
+    return checkpoint.build_model(state).to(device), checkpoint.identity(state)
 
 
 def latency_path(args: argparse.Namespace, device: torch.device) -> Path:
@@ -193,6 +202,10 @@ def load_latency_table(args: argparse.Namespace, path: Path, net) -> latency.Lat
     if diffs:
         raise UserError(f"{where}: measured for {', '.join(diffs)}; measure one for this search with --build-lut "
                         f"(or pass its table with --lut)")
+    try:
+        table.check_slots(len(net.spec.layout))
+    except ValueError as e:
+        raise UserError(f"{where}: an inconsistent latency table ({e}); measure a new one with --build-lut") from None
     return table
 
 
@@ -241,10 +254,11 @@ RESUME_FLAGS = ("dataset", "input_size", "width_mult", "batch_size", "recal_batc
                 "population", "select_num", "mutation_num", "crossover_num", "mutation_prob")
 
 
-def search_settings(args: argparse.Namespace, trained: list[int]) -> dict:
-    """What a resumed search is checked against (``trained``: the PruningNet's epoch and step)."""
-    return {**{name: getattr(args, name) for name in RESUME_FLAGS},
-            "resume": str(Path(args.resume).resolve()), "pruningnet_trained": trained}
+def search_settings(args: argparse.Namespace, pruningnet: dict) -> dict:
+    """What a resumed search, and a retraining that inherits from its PruningNet, are checked
+    against: the flags, the PruningNet file (absolute) and what identifies its weights."""
+    return {**{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": str(Path(args.resume).resolve()),
+            "pruningnet_trained": pruningnet["trained"], "pruningnet_run": pruningnet["run"]}
 
 
 def resumed_search(args: argparse.Namespace) -> dict | None:
@@ -274,6 +288,9 @@ def check_resume_settings(args: argparse.Namespace, resumed: dict, settings: dic
     for key, value in settings.items():
         if key not in saved or saved[key] == value:
             continue
+        if key == "pruningnet_run":
+            raise UserError(f"{where}: the PruningNet {args.resume} is not the one the search began with (another "
+                            f"training run); resume with the PruningNet the search used (or start a new search)")
         if key == "pruningnet_trained":
             raise UserError(f"{where}: the PruningNet {args.resume} was at epoch {saved[key][0]} step "
                             f"{saved[key][1]} when the search began and is now at epoch {value[0]} step {value[1]}; "
@@ -309,10 +326,13 @@ def main(argv: list[str] | None = None) -> list:
         print(dump(args))
         return []
     files = search_files(args, argv)
+    if not (args.build_lut and not args.latency):
+        checkpoint.check_outputs([files.checkpoint, files.export], args.search_resume, args.overwrite,
+                                 "--search-resume")
     dist_info, device = setup(args, fixed_shapes=True)  # one candidate's shapes over thousands of batches
     resumed = resumed_search(args)
-    net, trained = load_pruningnet(args, device)
-    settings = search_settings(args, trained)
+    net, pruningnet = load_pruningnet(args, device)
+    settings = search_settings(args, pruningnet)
     if resumed is not None:
         check_resume_settings(args, resumed, settings)
     layout = get_family(args.arch).layout
@@ -323,34 +343,50 @@ def main(argv: list[str] | None = None) -> list:
         return []
     feasible = feasibility(args, layout, costs, table)
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=True,
-                    defer_split=True)
+                    defer_split=True, skip_damaged=args.skip_bad_images)
     state = initial_state(args, layout, feasible, resumed)
     began = time.perf_counter()
     evaluator = search_evaluator(net, data, args.recal_batches, args.batch_size, args.seed, device, args.workers)
     decoding = time.perf_counter() - began
     checkpoint.check_writable(CHECKPOINT_DIR, files.log.parent)
-    if dist_info.main:
-        data.save_split()
-    logger = open_logger(args, files.log, dist_info)
-    logger.info(f"decoded once in {decoding:.1f} s for every candidate: the sub-validation split, "
-                f"{evaluator.eval_batches.describe()}; the BN recalibration batches, {evaluator.recal.describe()}")
-    try:
-        state = run_search(args, state, settings, layout, costs, feasible, evaluator, files, logger, dist_info,
-                           device)
-        best = state.best()
-        logger.info(f"{'rank':>4} {'top-1 err':>9} {'MMac':>9} {'M params':>8}  gene")
-        for rank, (g, e) in enumerate(best[: args.select_num]):
-            c = costs(g)
-            logger.info(f"{rank:>4} {e:>9.2f} {c.macs / 1e6:>9.2f} {c.params / 1e6:>8.3f}  {layout.format(g, e)}")
+    # rank 0 writes; the stop signals are caught until the export is written, so a signal after the
+    # last iteration leaves complete outputs behind
+    with checkpoint.run_lock(CHECKPOINT_DIR, files.stem) if dist_info.main else contextlib.nullcontext(), \
+            StopRequests() as stop:
         if dist_info.main:
-            export = export_best(net, best[0][0], best[0][1], evaluator.recal, args, costs, files.checkpoint)
-            logger.info(f"search checkpoint {files.checkpoint}; best PrunedNet exported to {export}")
-            logger.info(format_table(channel_table(net.spec, best[0][0], net.num_classes)))
-    finally:
-        logger.close()
+            checkpoint.check_outputs([files.checkpoint, files.export], args.search_resume, args.overwrite,
+                                     "--search-resume")
+            data.save_split()
+        logger = open_logger(args, files.log, dist_info)
+        logger.info(f"decoded once in {decoding:.1f} s for every candidate: the sub-validation split, "
+                    f"{evaluator.eval_batches.describe()}; the BN recalibration batches, {evaluator.recal.describe()}")
+        for line in getattr(data.subval, "damaged", list)():  # one log for the split and the recalibration images
+            logger.info(line)
+        try:
+            state = run_search(args, state, settings, layout, costs, feasible, evaluator, files, logger, dist_info,
+                               device, stop)
+            best = state.best()
+            report(best[: args.select_num], costs, layout, logger)
+            if dist_info.main:
+                export_best(net, best[0][0], best[0][1], evaluator.recal, args, costs, files)
+                logger.info(f"search checkpoint {files.checkpoint}; best PrunedNet exported to {files.export}")
+                logger.info(format_table(channel_table(net.spec, best[0][0], net.num_classes)))
+            if stop.signal is not None:
+                logger.info(f"stopped by signal {stop.signal} after the search had finished; its outputs are complete")
+                raise SystemExit(128 + stop.signal)
+        finally:
+            logger.close()
     del net, evaluator
     cleanup()
     return [layout.format(g, e) for g, e in best]
+
+
+def report(best: list[tuple[Gene, float]], costs, layout, logger: RunLogger) -> None:
+    """The best candidates, one line each: rank, top-1 error, MACs, params and gene."""
+    logger.info(f"{'rank':>4} {'top-1 err':>9} {'MMac':>9} {'M params':>8}  gene")
+    for rank, (g, e) in enumerate(best):
+        c = costs(g)
+        logger.info(f"{rank:>4} {e:>9.2f} {c.macs / 1e6:>9.2f} {c.params / 1e6:>8.3f}  {layout.format(g, e)}")
 
 
 def open_logger(args: argparse.Namespace, log_file: Path, dist_info: Dist) -> RunLogger:
@@ -367,7 +403,7 @@ class _Interrupted(Exception):
 
 def run_search(args: argparse.Namespace, state: evolution.SearchState, settings: dict, layout, costs,
                feasible: evolution.Feasibility, evaluator: CandidateEvaluator, files: SearchFiles, logger: RunLogger,
-               dist_info: Dist, device: torch.device) -> evolution.SearchState:
+               dist_info: Dist, device: torch.device, stop: StopRequests) -> evolution.SearchState:
     """Run (or continue) the evolution, saving the search checkpoint and logging after every iteration.
 
     Every process runs the same evolution (same seed, same RNG); the candidates of an iteration are
@@ -386,52 +422,51 @@ def run_search(args: argparse.Namespace, state: evolution.SearchState, settings:
     last_saved = args.search_resume
     rank, world = dist_info.rank, dist_info.world_size
 
-    with StopRequests() as stop:
-        def check_stop() -> None:
-            # one exchange decides for every process, so all of them stop at the same candidate
-            if any_process([stop.signal is not None], device)[0]:
-                raise _Interrupted
+    def check_stop() -> None:
+        # one exchange decides for every process, so all of them stop at the same candidate
+        if any_process([stop.signal is not None], device)[0]:
+            raise _Interrupted
 
-        def score(genes: list[Gene]) -> list[float]:
-            mine = []
-            for start in range(0, len(genes), world):  # the same number of rounds on every process
-                check_stop()
-                if start + rank < len(genes):
-                    mine.append(100.0 - evaluator.top1(genes[start + rank]))
-            shards = all_gather(mine)
-            return [shards[i % world][i // world] for i in range(len(genes))]
-
-        def save(s: evolution.SearchState) -> None:
-            nonlocal recorded, last_saved
-            if dist_info.main:
-                checkpoint.save(search_state(args, s, files.budget, settings, layout, costs,
-                                             evaluator.net.num_classes), files.checkpoint)
-            last_saved = str(files.checkpoint)
-            new, recorded = list(s.scores.items())[recorded:], len(s.scores)
-            gene, err = s.best(1)[0]
-            cost = costs(gene)
-            logger.info(f"iteration {s.iteration}/{args.epochs}: {len(s.scores)} scored; best top-1 error {err:.2f} "
-                        f"{cost.macs / 1e6:.2f} MMac {cost.params / 1e6:.3f} M {layout.format(gene)}")
-            if len(s.population) < args.population and s.iteration < args.epochs:
-                logger.info(f"only {len(s.population)} new genes within the budget for the next population of "
-                            f"{args.population}: the budget admits few genes not scored yet")
-            logger.record("search", iteration=s.iteration, scored=len(s.scores), best_error=err,
-                          best_gene=layout.format(gene), best_macs=cost.macs, budget_macs=feasible.budget.max_macs,
-                          best_table=format_table(channel_table(evaluator.net.spec, gene, evaluator.net.num_classes)),
-                          candidates=[{"gene": layout.format(g), "error": e, "macs": costs(g).macs} for g, e in new])
+    def score(genes: list[Gene]) -> list[float]:
+        mine = []
+        for start in range(0, len(genes), world):  # the same number of rounds on every process
             check_stop()
+            if start + rank < len(genes):
+                mine.append(100.0 - evaluator.top1(genes[start + rank]))
+        shards = all_gather(mine)
+        return [shards[i % world][i // world] for i in range(len(genes))]
 
-        try:
-            return evolution.run(state, layout, rng, feasible, score, args.epochs, on_step=save,
-                                 population=args.population, select_num=args.select_num,
-                                 mutation_num=args.mutation_num, crossover_num=args.crossover_num,
-                                 mutation_prob=args.mutation_prob)
-        except _Interrupted:
-            signum = stop.signal or signal.SIGTERM  # another process was signalled
-            how = (f"resume with the same flags plus --search-resume {last_saved}" if last_saved else
-                   "no iteration had finished, so there is nothing to resume: run the same command again")
-            logger.info(f"stopped by signal {signum}; {how}")
-            raise SystemExit(128 + signum) from None
+    def save(s: evolution.SearchState) -> None:
+        nonlocal recorded, last_saved
+        if dist_info.main:
+            checkpoint.save(search_state(args, s, files.budget, settings, layout, costs,
+                                         evaluator.net.num_classes), files.checkpoint)
+        last_saved = str(files.checkpoint)
+        new, recorded = list(s.scores.items())[recorded:], len(s.scores)
+        gene, err = s.best(1)[0]
+        cost = costs(gene)
+        logger.info(f"iteration {s.iteration}/{args.epochs}: {len(s.scores)} scored; best top-1 error {err:.2f} "
+                    f"{cost.macs / 1e6:.2f} MMac {cost.params / 1e6:.3f} M {layout.format(gene)}")
+        if len(s.population) < args.population and s.iteration < args.epochs:
+            logger.info(f"only {len(s.population)} new genes within the budget for the next population of "
+                        f"{args.population}: the budget admits few genes not scored yet")
+        logger.record("search", iteration=s.iteration, scored=len(s.scores), best_error=err,
+                      best_gene=layout.format(gene), best_macs=cost.macs, budget_macs=feasible.budget.max_macs,
+                      best_table=format_table(channel_table(evaluator.net.spec, gene, evaluator.net.num_classes)),
+                      candidates=[{"gene": layout.format(g), "error": e, "macs": costs(g).macs} for g, e in new])
+        check_stop()
+
+    try:
+        return evolution.run(state, layout, rng, feasible, score, args.epochs, on_step=save,
+                             population=args.population, select_num=args.select_num,
+                             mutation_num=args.mutation_num, crossover_num=args.crossover_num,
+                             mutation_prob=args.mutation_prob)
+    except _Interrupted:
+        signum = stop.signal or signal.SIGTERM  # another process was signalled
+        how = (f"resume with the same flags plus --search-resume {last_saved}" if last_saved else
+               "no iteration had finished, so there is nothing to resume: run the same command again")
+        logger.info(f"stopped by signal {signum}; {how}")
+        raise SystemExit(128 + signum) from None
 
 
 def search_state(args: argparse.Namespace, s: evolution.SearchState, budget_name: str, settings: dict, layout,
@@ -443,23 +478,21 @@ def search_state(args: argparse.Namespace, s: evolution.SearchState, budget_name
             "budget": search_budget(args), "settings": settings,
             "iter": s.iteration, "epochs": args.epochs, "candidates": [layout.format(g, e) for g, e in best],
             "macs": [costs(g).macs for g, _ in best], "params": [costs(g).params for g, _ in best],
-            "state": s.to_dict(), "pruningnet": str(args.resume), "input_size": args.input_size,
+            "state": s.to_dict(), "pruningnet": str(Path(args.resume).resolve()), "input_size": args.input_size,
             "model_args": {"num_classes": num_classes, "width_mult": args.width_mult, "small_input": args.small_input},
             "config": vars(args)}
 
 
 def export_best(net, gene: Gene, error: float, recal: Iterable[torch.Tensor], args: argparse.Namespace, costs,
-                ckpt_path: Path) -> Path:
+                files: SearchFiles) -> None:
     """Save the best candidate as a PrunedNet checkpoint with inherited, BN-recalibrated weights."""
     pruned = recalibrate_bn(net.materialize(gene), recal)
     record = checkpoint.model_record(args.flops_arch, gene, net.num_classes, args.width_mult, args.small_input)
     cost = costs(gene)
-    path = ckpt_path.with_name(ckpt_path.name.replace("_checkpoint.pth.tar", "_best_prunednet.pth.tar"))
     checkpoint.save({"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, **record, "dataset": args.dataset,
                      "model": pruned.state_dict(), "epoch": 0, "best_top1": 100.0 - error, "macs": cost.macs,
                      "params": cost.params, "channels": channel_table(net.spec, gene, net.num_classes),
-                     "source": str(ckpt_path), "config": vars(args)}, path)
-    return path
+                     "source": str(files.checkpoint.resolve()), "config": vars(args)}, files.export)
 
 
 if __name__ == "__main__":

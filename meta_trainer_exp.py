@@ -20,7 +20,7 @@ from models.cost import cost_model
 from search.evaluator import CandidateEvaluator
 from utils import checkpoint
 from utils.config import (Parser, UserError, add_common_args, add_training_args, dump, gene_literal,
-                          parse_args, run_script)
+                          parse_args, run_files, run_script)
 from utils.distributed import Dist, setup
 from utils.engine import check_resume, evaluate, run_training
 
@@ -73,10 +73,19 @@ def validate_gene_args(args: argparse.Namespace) -> None:
         raise UserError(f"--candidate must be 0 or more, got {args.candidate}")
     if not pruning and args.gene is not None:
         _parse_gene(args.arch, args.gene)
-    if args.search_resume and not args.suffix:
-        # name the retrained run after the search's budget, as the README's checkpoint names do
-        match = re.search(r"_flops(\d+(?:\.\d+)?)", Path(args.search_resume).name)
-        args.suffix = f"_flops{match.group(1)}" if match else ""
+    if args.search_resume:
+        args.suffix = retrain_suffix(args.search_resume, args.candidate or 0, args.suffix)
+
+
+def retrain_suffix(search_file: str, candidate: int, suffix: str) -> str:
+    """The name of a retrained candidate: the search's own (its budgets and suffix, as the README's
+    ``_flops1500`` names), or ``--suffix`` when given; ``_candidate{N}`` for every candidate but the
+    best, so that retraining several candidates of one search keeps each one's files."""
+    if not suffix:
+        match = re.fullmatch(r"MetaPruneSearch_[a-z0-9]+_pruningnet(_flops.*)_checkpoint\.pth\.tar",
+                             Path(search_file).name)
+        suffix = match.group(1) if match else ""
+    return suffix + (f"_candidate{candidate}" if candidate else "")
 
 
 def _parse_gene(arch: str, value: object) -> Gene:
@@ -94,8 +103,9 @@ def _search_state(args: argparse.Namespace) -> dict:
     return state
 
 
-def resolve_gene(args: argparse.Namespace) -> tuple[Gene, str | None]:
-    """The PrunedNet's gene and, with ``--search-resume``, the PruningNet checkpoint that search used."""
+def resolve_gene(args: argparse.Namespace) -> tuple[Gene, dict | None]:
+    """The PrunedNet's gene and, with ``--search-resume``, the PruningNet that search scored with:
+    ``{"path": absolute path, "run": ..., "trained": [epoch, step]}`` (``checkpoint.identity``)."""
     if not args.search_resume:
         layout = get_family(args.arch).layout
         return (_parse_gene(args.arch, args.gene) if args.gene is not None else layout.full()), None
@@ -104,12 +114,18 @@ def resolve_gene(args: argparse.Namespace) -> tuple[Gene, str | None]:
     if n >= len(candidates):
         raise UserError(f"--candidate {n}: the search checkpoint holds {len(candidates)} candidates "
                         f"(0..{len(candidates) - 1})")
-    return _parse_gene(args.arch, candidates[n]), state.get("pruningnet")
+    settings = state["settings"]
+    pruningnet = {"path": settings.get("resume", state.get("pruningnet")), "run": settings.get("pruningnet_run"),
+                  "trained": settings.get("pruningnet_trained")}
+    return _parse_gene(args.arch, candidates[n]), pruningnet
 
 
-def inherit_weights(model: torch.nn.Module, gene: Gene, path: str) -> None:
+def inherit_weights(model: torch.nn.Module, gene: Gene, path: str, searched_with: dict | None = None) -> None:
     """Start ``model`` from checkpoint ``path``: a PruningNet's materialized PrunedNet for ``gene``,
-    or the weights of a PrunedNet of the same gene (e.g. a search's exported best candidate)."""
+    or the weights of a PrunedNet of the same gene (e.g. a search's exported best candidate).
+
+    ``searched_with`` (``resolve_gene``) is the PruningNet a search scored the gene with: a
+    PruningNet given here must hold those very weights, whatever its path."""
     state = checkpoint.load(path, checkpoint.MODEL, "--inherit", mmap=True)
     family = model.spec.layout.family
     if get_family(state["arch"]).layout != model.spec.layout:
@@ -127,7 +143,22 @@ def inherit_weights(model: torch.nn.Module, gene: Gene, path: str) -> None:
                             f"this run's gene {model.spec.layout.format(gene)}")
         model.load_state_dict(net.state_dict())
         return
+    if searched_with is not None:
+        check_searched_with(path, checkpoint.identity(state), searched_with)
     model.load_state_dict(net.materialize(gene).state_dict())
+
+
+def check_searched_with(path: str, got: dict, searched_with: dict) -> None:
+    """A PruningNet to inherit from is the one the search used: the same training run (when the
+    search recorded it) at the same epoch and step."""
+    want = searched_with["trained"]
+    other_run = searched_with["run"] is not None and got["run"] != searched_with["run"]
+    if other_run or (want is not None and got["trained"] != want):
+        held = "another training run's weights" if other_run else \
+            f"the weights of epoch {got['trained'][0]} step {got['trained'][1]}"
+        raise UserError(f"--inherit {path}: the search scored its candidates with {searched_with['path']} at epoch "
+                        f"{want[0]} step {want[1]}, and this file holds {held}; inherit from the PruningNet the "
+                        f"search used (--inherit FILE), or retrain from scratch without --inherit")
 
 
 def build_pruningnet(args: argparse.Namespace, data, device: torch.device, dist_info: Dist, model_args: dict):
@@ -150,13 +181,17 @@ def build_pruningnet(args: argparse.Namespace, data, device: torch.device, dist_
 
 def build_prunednet(args: argparse.Namespace, data, device: torch.device, dist_info: Dist, model_args: dict):
     """The PrunedNet of the resolved gene (optionally with inherited weights) and its validation."""
-    gene, search_pruningnet = resolve_gene(args)
+    gene, searched_with = resolve_gene(args)
     model = create_model(args.arch, gene=gene, **model_args)
-    if args.inherit:
-        source = search_pruningnet if args.inherit == "auto" else args.inherit
-        if source is None:
+    if args.inherit == "auto":
+        if searched_with is None:
             raise UserError("--inherit without a path needs --search-resume (whose search names its PruningNet)")
-        inherit_weights(model, gene, source)
+        if not Path(searched_with["path"]).is_file():
+            raise UserError(f"--inherit: the PruningNet the search used, {searched_with['path']}, is gone; pass a copy "
+                            f"of it with --inherit FILE")
+        inherit_weights(model, gene, searched_with["path"], searched_with)
+    elif args.inherit:
+        inherit_weights(model, gene, args.inherit, searched_with)
     model.to(device)
     cost = cost_model(args.arch, args.input_size, data.num_classes, args.width_mult, args.small_input)(gene)
     summary = (f"gene {get_family(args.arch).layout.format(gene)}: {cost.macs / 1e6:.2f} MMac, "
@@ -177,13 +212,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dist_info, device = setup(args, fixed_shapes=not pruning)
     torch.manual_seed(args.seed)
     resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True) if args.resume else None
+    checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning,
-                    seed=args.seed, defer_split=True)
+                    seed=args.seed, defer_split=True, skip_damaged=args.skip_bad_images)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     build = build_pruningnet if pruning else build_prunednet
     model, record, validate, layout, summary = build(args, data, device, dist_info, model_args)
     if resume_state is not None:
-        check_resume(resume_state, record, args)
+        check_resume(resume_state, record, args, dist_info.world_size)
     return run_training(args, model, record, data, device, dist_info, validate, summary, layout, resume_state)
 
 

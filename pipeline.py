@@ -74,7 +74,8 @@ def inside(folder: Path):
 class Pipeline:
     """The stages of one (arch, seed) run in ``run_dir``; each returns what its script returns."""
 
-    def __init__(self, arch: str, seed: int, recipe: Recipe, run_dir: Path, data_root: str | None = None) -> None:
+    def __init__(self, arch: str, seed: int, recipe: Recipe, run_dir: Path, data_root: str | None = None,
+                 overwrite: bool = False) -> None:
         self.arch, self.seed, self.r, self.run_dir = arch, seed, recipe, run_dir
         self.layout = get_family(arch).layout
         self.costs = cost_model(arch, 32, 10, recipe.width, False)
@@ -82,6 +83,7 @@ class Pipeline:
                      "--batch-size", str(recipe.batch), "--workers", "0", "--seed", str(seed),
                      "--val-per-class", str(recipe.val_per_class)]
         self.data += ["--data-root", str(Path(data_root).resolve())] if data_root else []
+        self.data += ["--overwrite"] if overwrite else []
         self.train = ["--warmup-epochs", "1", "--steps-per-epoch", str(recipe.steps_per_epoch),
                       "--vis-interval", "10", "--valuate"]
         self.times: dict[str, float] = {}
@@ -161,6 +163,7 @@ def get_args_parser() -> Parser:
     p.flag("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)")
     p.flag("--quick", action="store_true", help="a smoke run of the same stages in about two minutes")
     p.flag("--out", default=None, help="run folder (default runs/fashionmnist_{arch}_seed{seed}[_quick])")
+    p.flag("--overwrite", action="store_true", help="run again in a run folder that holds an earlier run")
     return p
 
 
@@ -170,7 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.budget <= 1:
         raise UserError(f"--budget is a fraction of the full network's MACs in (0, 1], got {args.budget}")
     run_dir = Path(args.out or f"runs/fashionmnist_{args.arch}_seed{args.seed}{'_quick' if args.quick else ''}")
-    p = Pipeline(args.arch, args.seed, QUICK if args.quick else FULL, run_dir, args.data_root)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir}: is a file; give a folder for the run")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not args.overwrite:
+        raise UserError(f"{run_dir} holds an earlier run; pass --overwrite to run again there, or --out DIR for "
+                        f"another folder")
+    p = Pipeline(args.arch, args.seed, QUICK if args.quick else FULL, run_dir, args.data_root, args.overwrite)
+    uniform_gene(p.layout, p.costs, int(p.budget_mmac(args.budget) * 1e6))  # a budget no gene meets stops here
     p.train_pruningnet()
     result = compare(p, args.budget)
     summary = {"arch": args.arch, "seed": args.seed, "quick": args.quick, "recipe": asdict(p.r),

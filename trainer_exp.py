@@ -16,7 +16,7 @@ from meta_trainer_exp import add_gene_args, resolve_gene, validate_gene_args
 from models import create_model, get_family, is_pruningnet
 from models.cost import cost_model
 from utils import checkpoint
-from utils.config import Parser, UserError, add_common_args, add_training_args, dump, parse_args, run_script
+from utils.config import Parser, UserError, add_common_args, add_training_args, dump, parse_args, run_files, run_script
 from utils.distributed import setup
 from utils.engine import check_resume, evaluate, run_training
 
@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dist_info, device = setup(args, fixed_shapes=True)
     torch.manual_seed(args.seed)
     resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True) if args.resume else None
-    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=False, seed=args.seed)
+    checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
+    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=False, seed=args.seed,
+                    skip_damaged=args.skip_bad_images)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     gene, _ = resolve_gene(args)
     model = create_model(args.arch, gene=gene, **model_args).to(device)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     validate = lambda m: evaluate(m, val, device, args, reduce=dist_info.enabled)
     summary = f"{args.arch}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params"
     if resume_state is not None:
-        check_resume(resume_state, record, args)
+        check_resume(resume_state, record, args, dist_info.world_size)
     return run_training(args, model, record, data, device, dist_info, validate, summary, resume_state=resume_state)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,31 +38,34 @@ class DataBundle:
 
 
 def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class: int = 50,
-             hold_out: bool = True, seed: int = 0, defer_split: bool = False) -> DataBundle:
+             hold_out: bool = True, seed: int = 0, defer_split: bool = False,
+             skip_damaged: bool = False) -> DataBundle:
     """Load ``dataset`` (``imagenet``: any ImageFolder root; ``fashionmnist``) and its sub-val split.
 
     ``hold_out=True`` holds the sub-validation split out of training (PruningNet training, search);
     ``hold_out=False`` trains on all of train (retraining a PrunedNet) and draws no split.
+    ``skip_damaged`` leaves image files that cannot be decoded out of their batches (each reported
+    through ``Images.damaged``) instead of stopping with one line naming the first.
     """
     if dataset == "imagenet":
         root = Path(data_root)
+        Images = partial(folder.Images, damage_log=folder.DamageLog() if skip_damaged else None)  # one log for all
         classes, samples = folder.scan(root, "train")
         val_classes, val_samples = folder.scan(root, "val")
         if val_classes != classes:
             raise UserError(f"--data-root {root}: val/ has classes {val_classes[:3]}... but train/ has "
                             f"{classes[:3]}...; both must hold the same class folders")
         train_tf, eval_tf = folder.transforms(input_size)
-        val = folder.Images(val_samples, eval_tf)
+        val = Images(val_samples, eval_tf)
         if not hold_out:
-            return DataBundle(folder.Images(samples, train_tf, seed), folder.Images(samples, eval_tf), None, val,
-                              len(classes), None)
+            return DataBundle(Images(samples, train_tf, seed), Images(samples, eval_tf), None, val, len(classes), None)
         rel = [str(Path(p).relative_to(root)) for p, _ in samples]
         path = split.split_path(dataset, str(root.resolve()), val_per_class)
         held, pending = split.load_or_draw(path, rel, [t for _, t in samples], classes, val_per_class)
         keep = [s for s, r in zip(samples, rel) if r not in held]
         sub = [s for s, r in zip(samples, rel) if r in held]
-        bundle = DataBundle(folder.Images(keep, train_tf, seed), folder.Images(keep, eval_tf),
-                            folder.Images(sub, eval_tf), val, len(classes), path, pending)
+        bundle = DataBundle(Images(keep, train_tf, seed), Images(keep, eval_tf), Images(sub, eval_tf), val,
+                            len(classes), path, pending)
     elif dataset == "fashionmnist":
         where = fashion_mnist.locate(data_root)
         images, labels = fashion_mnist.load(where, "train")

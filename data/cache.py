@@ -85,4 +85,5 @@ def decode(ds: Dataset, batch_size: int, device: torch.device, workers: int = 0,
         start += len(x)
     if images is None:
         raise ValueError("cannot decode an empty image set")
+    images, targets = images[:start], targets[:start]  # fewer when damaged images were skipped
     return DecodedBatches(images, targets if labels else None, batch_size, device, normalize)

@@ -1,6 +1,9 @@
 """ImageNet-style data: ``ImageFolder`` trees ``train/<class>/*`` and ``val/<class>/*`` under a root."""
 from __future__ import annotations
 
+import multiprocessing
+import os
+import queue
 from pathlib import Path
 from typing import Callable
 
@@ -13,15 +16,54 @@ from utils.config import UserError
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class DamagedImage(UserError):
+    """An image file that cannot be decoded: one line naming it.
+
+    A loader worker's exception comes back to the main process re-raised with the worker's whole
+    traceback as its message; its last line, this error's own, is kept.
+    """
+
+    def __init__(self, message: str) -> None:
+        lines = [line for line in str(message).strip().splitlines() if line.strip()]
+        super().__init__(lines[-1].split("DamagedImage: ", 1)[-1] if lines else message)
+
+
+class DamageLog:
+    """Where a data set's images report the damaged files they skipped (``--skip-bad-images``), for
+    the main process to log: a queue from the loader workers, a list in the process that made it."""
+
+    def __init__(self) -> None:
+        self.owner, self.here, self.reports = os.getpid(), [], multiprocessing.Queue()
+
+    def report(self, message: str) -> None:
+        if os.getpid() == self.owner:
+            self.here.append(message)
+        else:
+            self.reports.put(message)  # a worker flushes it to the pipe before it exits
+
+    def drain(self) -> list[str]:
+        """Every report since the last drain."""
+        out, self.here = self.here, []
+        while True:
+            try:
+                out.append(self.reports.get_nowait())
+            except queue.Empty:
+                return out
+
+
 class Images(Dataset):
     """A list of ``(path, class)`` samples read with PIL and passed through ``transform``.
 
     Random transforms of a sample draw from an RNG seeded by (seed, epoch, sample index), so its
-    augmentation is the same in any worker, any batch or process shard, and after a resume.
+    augmentation is the same in any worker, any batch or process shard, and after a resume. A file
+    that cannot be decoded raises ``DamagedImage``, or with a ``damage_log`` is left out of its
+    batch and reported there.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable, seed: int = 0) -> None:
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, seed: int = 0,
+                 damage_log: DamageLog | None = None) -> None:
         self.samples, self.transform, self.seed, self.epoch = samples, transform, seed, 0
+        self.damage_log = damage_log
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -31,8 +73,17 @@ class Images(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), target
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB")), target
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise DamagedImage(f"damaged image {path} ({reason}); replace or remove it, or pass --skip-bad-images "
+                               f"to leave such images out (each is logged)") from None
+
+    def damaged(self) -> list[str]:
+        """The damaged images skipped since the last call (always none without a ``damage_log``)."""
+        return self.damage_log.drain() if self.damage_log is not None else []
 
     def raw(self) -> tuple[Images, Callable[[torch.Tensor], torch.Tensor]]:
         """These images before their normalization (uint8), and the normalization, which takes
@@ -42,14 +93,22 @@ class Images(Dataset):
             raise ValueError("raw() needs a transform ending in data.folder.Normalize (the eval transform)")
         from torchvision import transforms as T
 
-        return Images(self.samples, T.Compose(steps[:-1]), self.seed), steps[-1]
+        return Images(self.samples, T.Compose(steps[:-1]), self.seed, self.damage_log), steps[-1]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         out = []
         with torch.random.fork_rng(devices=[]):
             for i in indices:
                 torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-                out.append(self[i])
+                try:
+                    out.append(self[i])
+                except DamagedImage as e:
+                    if self.damage_log is None:
+                        raise
+                    self.damage_log.report(str(e).split(";")[0] + " skipped")
+        if not out:
+            raise DamagedImage(f"every image of a batch is damaged, e.g. {self.samples[indices[0]][0]}; check the "
+                               f"data folder")
         return out
 
 

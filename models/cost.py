@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from torch import nn
 
 from .gene import SCALES, Gene
 from .layers import IMAGE_CHANNELS, IMAGE_SLOT, ArchSpec, conv_out_size
-from .registry import get_family, small_input_for
+from .registry import MAX_WIDTH_MULT, get_family, small_input_for
 
 _SCALES_NP = np.array(SCALES)
 
@@ -179,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         family = get_family(args.arch)
         gene = family.layout.parse(args.gene)
-        if args.input_size < 1 or args.num_classes < 1 or args.width_mult <= 0:
-            raise ValueError("--input-size, --num-classes and --width-mult must be positive")
+        if args.input_size < 1 or args.num_classes < 1:
+            raise ValueError(f"--input-size and --num-classes must be positive, got {args.input_size} and "
+                             f"{args.num_classes}")
+        if not (math.isfinite(args.width_mult) and 0 < args.width_mult <= MAX_WIDTH_MULT):
+            raise ValueError(f"--width-mult must be a number in (0, {MAX_WIDTH_MULT:g}], got {args.width_mult}")
         model = cost_model(args.arch, args.input_size, args.num_classes, args.width_mult)
         cost = model(gene)
     except ValueError as e:

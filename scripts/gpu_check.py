@@ -137,7 +137,7 @@ def training_and_search(c: Checks, gpus: int) -> None:
                  expect="best PrunedNet exported"):
         c.command("retrain its best candidate with --inherit",
                   c.trainer("--arch", "mobilenetv2_prunednet", "--epochs", "1", *c.dev, "--search-resume",
-                            str(CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops0_checkpoint.pth.tar"),
+                            str(CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops0_latency1000_checkpoint.pth.tar"),
                             "--candidate", "0", "--inherit"))
     if gpus >= 2:
         c.command("torchrun search, 2 GPUs", [*RUN, "--nproc-per-node", "2", *search, "--suffix", "_ddp"])

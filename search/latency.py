@@ -39,6 +39,10 @@ from models.layers import _ACTIVATIONS, IMAGE_CHANNELS, IMAGE_SLOT, BlockSpec, C
 
 GRID = (0, 5, 10, 15, 20, 25, 30)
 VERSION = 2  # tables of another layout are refused, not misread
+NUMBER = (int, float)
+FIELD_TYPES = {"arch": str, "input_size": int, "width_mult": NUMBER, "small_input": bool, "num_classes": int,
+               "batch_size": int, "device": str, "fixed_ms": NUMBER, "layers": list, "tables": dict,
+               "calibration": list, "validation": list}
 Clock = Callable[[], float]
 
 
@@ -78,6 +82,13 @@ class LatencyTable:
                 continue
             self._raw.append(raw)
             self._ms.append(max(ms, self._ms[-1]) if self._ms else ms)
+
+    def check_slots(self, num_slots: int) -> None:
+        """Every layer reads gene slots of a gene of ``num_slots`` ids (``ValueError`` otherwise)."""
+        for layer in self.layers:
+            if not (IMAGE_SLOT <= layer["in_slot"] < num_slots and 0 <= layer["out_slot"] < num_slots):
+                raise ValueError(f"layer {layer['key']} reads gene slots {layer['in_slot']} and {layer['out_slot']}, "
+                                 f"outside the gene's 0..{num_slots - 1}")
 
     def setting(self) -> dict:
         return setting(self.arch, self.input_size, self.width_mult, self.small_input, self.num_classes,
@@ -132,14 +143,23 @@ class LatencyTable:
         try:
             table = cls(**data)
             table._check()
-        except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError) as e:
+        except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError, AttributeError) as e:
             raise ValueError(f"an inconsistent latency table ({type(e).__name__}: {e})") from None
         return table
 
     def _check(self) -> None:
-        """Every layer has a grid of positive timings of the right shape (a damaged file is refused)."""
+        """Every field has its type, every layer valid gene slots and a grid of positive timings of the
+        right shape (a damaged file is refused, not misread)."""
+        for name, kind in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+                raise ValueError(f"field {name} is {json.dumps(value)[:40]}")
         for layer in self.layers:
+            if not (isinstance(layer.get("in_slot"), int) and isinstance(layer.get("out_slot"), int)):
+                raise ValueError(f"layer {layer.get('key')} has no integer gene slots")
             t = self.tables[layer["key"]]
+            if not all(isinstance(c, int) and c >= 0 for c in (*t["cin"], *t["cout"])):  # cin [0]: not timed by it
+                raise ValueError(f"channel lists of {layer['key']} are not counts of channels")
             if len(t["ms"]) != len(t["cin"]) or any(len(row) != len(t["cout"]) for row in t["ms"]):
                 raise ValueError(f"grid of {layer['key']} does not match its channel lists")
             if not all(v > 0 for row in t["ms"] for v in row):

@@ -144,11 +144,16 @@ def test_json_switches_can_be_turned_off_on_the_command_line(workdir):
     assert cfg["visdom"] is False and cfg["valuate"] is False
 
 
-@pytest.mark.parametrize("name, suffix", [
-    ("MetaPruneSearch_resnet50_pruningnet_flops300.0_checkpoint.pth.tar", "_flops300.0"),
-    ("MetaPruneSearch_resnet50_pruningnet_flops1500_mine_checkpoint.pth.tar", "_flops1500"),  # searched with --suffix
-    ("elsewhere.pth.tar", ""),
+@pytest.mark.parametrize("name, extra, suffix", [
+    ("MetaPruneSearch_resnet50_pruningnet_flops300.0_checkpoint.pth.tar", [], "_flops300.0"),
+    ("MetaPruneSearch_resnet50_pruningnet_flops1500_mine_checkpoint.pth.tar", [], "_flops1500_mine"),  # its --suffix
+    ("MetaPruneSearch_resnet50_pruningnet_flops0_params5_checkpoint.pth.tar", ["--candidate", "0"], "_flops0_params5"),
+    ("MetaPruneSearch_resnet50_pruningnet_flops1500_checkpoint.pth.tar", ["--candidate", "2"], "_flops1500_candidate2"),
+    ("MetaPruneSearch_resnet50_pruningnet_flops1500_checkpoint.pth.tar", ["--candidate", "1", "--suffix", "_x"],
+     "_x_candidate1"),
+    ("elsewhere.pth.tar", [], ""),
 ])
-def test_retrained_candidate_is_named_after_the_search_budget(name, suffix, workdir):
-    cfg = dry_run("meta_trainer_exp.py", "--arch", "resnet50_prunednet", "--search-resume", f"dir/{name}", cwd=workdir)
+def test_retrained_candidate_is_named_after_the_search_and_the_candidate(name, extra, suffix, workdir):
+    cfg = dry_run("meta_trainer_exp.py", "--arch", "resnet50_prunednet", "--search-resume", f"dir/{name}", *extra,
+                  cwd=workdir)
     assert cfg["suffix"] == suffix

@@ -396,14 +396,16 @@ def mapped(path) -> bool:
 
 def test_checkpoints_load_memory_mapped_when_asked(tmp_path):
     path = tmp_path / "c.pth.tar"
-    checkpoint.save({"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, "w": torch.randn(1000)}, path)
+    record = checkpoint.model_record("resnet50_prunednet", None, 3, 0.125, True)
+    checkpoint.save({"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, **record, "model": {"w": torch.randn(1000)}},
+                    path)
     state = checkpoint.load(path, mmap=True)
     assert mapped(path)
     del state
     gc.collect()
     assert not mapped(path)
     state = checkpoint.load(path)
-    assert not mapped(path) and state["w"].shape == (1000,)
+    assert not mapped(path) and state["model"]["w"].shape == (1000,)
 
 
 def test_resume_maps_the_checkpoint_and_lets_go_of_its_weights(work, monkeypatch):

@@ -139,7 +139,8 @@ def test_truncated_and_foreign_files_are_clear_errors(work):
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(work, monkeypatch):
     path = work / "state.pth.tar"
-    checkpoint.save({"format": "metaprune", "kind": "model", "value": torch.ones(3)}, path)
+    record = checkpoint.model_record("resnet50_prunednet", None, 3, 0.125, True)
+    checkpoint.save({"format": "metaprune", "kind": "model", **record, "model": {"value": torch.ones(3)}}, path)
     real_save = torch.save
 
     def full_disk(obj, f):
@@ -148,9 +149,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(work, monkeypatch)
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(checkpoint.UserError, match="No space left on device.*previous file is kept"):
-        checkpoint.save({"format": "metaprune", "kind": "model", "value": torch.zeros(3)}, path)
+        checkpoint.save({"format": "metaprune", "kind": "model", **record, "model": {"value": torch.zeros(3)}}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.equal(checkpoint.load(path)["value"], torch.ones(3))
+    assert torch.equal(checkpoint.load(path)["model"]["value"], torch.ones(3))
     assert [p.name for p in work.iterdir() if p.name.endswith(".tmp")] == []
 
 

@@ -191,7 +191,7 @@ def test_retrain_candidate_from_search(work):
     r = invoke("meta_trainer_exp.py", "--arch", "mobilenetv2_prunednet", "--search-resume", FLOPS0, "--candidate", "1",
                "--epochs", "1", "--inherit", *TINY_DATA, cwd=work)
     assert r.returncode == 0, r.stderr
-    state = checkpoint.load(work / CKPT / "imagenet_mobilenetv2_prunednet_flops0_best.pth.tar")
+    state = checkpoint.load(work / CKPT / "imagenet_mobilenetv2_prunednet_flops0_candidate1_best.pth.tar")
     assert MBV2.format(tuple(state["gene"])) == cands[1][:-1]
     r = invoke("meta_trainer_exp.py", "--arch", "mobilenetv2_prunednet", "--search-resume", FLOPS0, "--candidate", "99",
                *TINY_DATA, cwd=work)
@@ -369,7 +369,7 @@ def test_latency_table_build_and_budget(lut_work):
     assert narrow_ms < full_ms
     budget = round((full_ms + narrow_ms) / 2, 4)
     search(work, "--latency", str(budget), "--epochs", "2")
-    state = torch.load(work / FLOPS0, weights_only=True)
+    state = torch.load(work / FLOPS0.replace("_flops0_", f"_flops0_latency{budget:g}_"), weights_only=True)
     assert state["budget"]["latency"] == budget
     assert all(table(MBV2.parse(c), spec.bases) <= budget for c in state["candidates"])
 
@@ -385,7 +385,8 @@ def test_latency_estimate_is_calibrated_on_whole_network_timings(lut_work):
     assert table(MBV2.narrowest(), spec.bases) == pytest.approx(lowest["measured_ms"])
     raws = sorted(c["lut_ms"] for c in table.calibration)
     estimates = [table.calibrated(x) for x in [raws[0] * f for f in (0.5, 0.9)] + raws + [raws[-1] * 1.5]]
-    assert estimates == sorted(estimates)
+    # monotone, up to the rounding of the two formulas (interpolation, extrapolation) that meet at the ends
+    assert all(b >= a * (1 - 1e-12) for a, b in zip(estimates, estimates[1:])), estimates
 
 
 @pytest.mark.parametrize("edit, words", [

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from models import list_models, small_input_for
+from models import MAX_WIDTH_MULT, MIN_INPUT_SIZE, list_models, small_input_for
 
 DATASETS = ("imagenet", "fashionmnist")
 DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashionmnist": 32}
@@ -96,6 +96,11 @@ def add_common_args(p: Parser, arch_default: str | None = None) -> None:
     p.flag("--json", default=None, help="experiment file: its keys override defaults, explicit flags override it")
     p.flag("--log-path", default=None, help="human-readable log (default logs/{dataset}_{arch}{suffix}.txt)")
     p.flag("--suffix", default="", help="appended to checkpoint and log names")
+    p.flag("--skip-bad-images", action="store_true",
+           help="leave image files that cannot be decoded out of their batches, each one logged (default: stop "
+                "with one line naming the first)")
+    p.flag("--overwrite", action="store_true",
+           help="replace the outputs of an earlier run of the same name (otherwise such a run is refused)")
     p.flag("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     p.flag("--visdom", action=argparse.BooleanOptionalAction, default=False, help="plot to a visdom server")
     p.flag("--vis-env", default=None, help="visdom environment (default {dataset}_{arch}{suffix})")
@@ -152,6 +157,10 @@ def load_json(path: str) -> dict[str, Any]:
             cfg = json.load(f)
     except FileNotFoundError:
         raise UserError(f"--json {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"--json {path}: is a folder; give an experiment file (experiments/*.json)") from None
+    except OSError as e:
+        raise UserError(f"--json {path}: cannot read it ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--json {path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
@@ -185,12 +194,23 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
     for name in ("batch_size", "epochs", "input_size", "val_per_class", "vis_interval"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if (args.width_mult is not None and args.width_mult <= 0) or args.workers < 0:
-        raise UserError(f"--width-mult must be > 0 and --workers >= 0, got {args.width_mult} and {args.workers}")
+    if args.width_mult is not None and not (math.isfinite(args.width_mult) and 0 < args.width_mult <= MAX_WIDTH_MULT):
+        raise UserError(f"--width-mult must be a number in (0, {MAX_WIDTH_MULT:g}], got {args.width_mult}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    smallest = MIN_INPUT_SIZE[args.small_input]
+    if args.input_size < smallest:
+        stem = ("the small-input stem (8x downsampling)" if args.small_input else
+                "the ImageNet stem (7x7/2 conv and max-pool, 32x downsampling; --small-input takes 8 px and more)")
+        raise UserError(f"--input-size {args.input_size} is below {smallest} px, the smallest {stem} takes")
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise UserError(f"--dist-timeout must be a positive number of minutes, got {args.dist_timeout}")
     if not 1 <= args.vis_port <= 65535:
         raise UserError(f"--vis-port must be a TCP port in 1..65535, got {args.vis_port}")
+    if args.log_path:
+        check_log_file(args.log_path, "--log-path")
     _check_ranges(args)
     if validate:
         validate(args)
@@ -214,8 +234,22 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise UserError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
 
 
+def check_log_file(path: str, flag: str) -> None:
+    """A text log path the run can write: not a folder, and not the ``.jsonl`` file its records get."""
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give the log file's path (e.g. {Path(path) / 'run.txt'})")
+    if Path(path).suffix == ".jsonl":
+        raise UserError(f"{flag} {path}: the run's JSONL records go to {Path(path)} beside the text log; give the "
+                        f"text log another suffix, e.g. {Path(path).with_suffix('.txt')}")
+
+
 def run_name(args: argparse.Namespace) -> str:
     return f"{args.dataset}_{args.arch}{args.suffix}"
+
+
+def run_files(args: argparse.Namespace) -> tuple[Path, Path]:
+    """A training run's resumable checkpoint and its best one."""
+    return (CHECKPOINT_DIR / f"{run_name(args)}_checkpoint.pth.tar", CHECKPOINT_DIR / f"{run_name(args)}_best.pth.tar")
 
 
 def log_path(args: argparse.Namespace) -> Path:

@@ -14,6 +14,7 @@ import math
 import random
 import signal
 import time
+import uuid
 from typing import Callable, Iterable
 
 import torch
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from models import Gene, GeneLayout
 
 from . import checkpoint
-from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_name
+from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_files, run_name
 from .distributed import Dist, all_gather, all_reduce_sum, barrier, cleanup, sum_over_processes
 from .logger import RunLogger, progress
 from .meters import correct_topk
@@ -115,9 +116,10 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_resume(state: dict, record: dict, args: argparse.Namespace) -> None:
+def check_resume(state: dict, record: dict, args: argparse.Namespace, world_size: int) -> None:
     """A ``--resume`` checkpoint must continue this very run: same model, dataset and input size,
-    with its optimizer state. Checked before any output is written."""
+    with its optimizer state, no more epochs done than ``--epochs``, and a mid-epoch position that
+    this run's steps reach exactly. Checked before any output is written."""
     where = f"--resume {args.resume}"
     if state["arch"] != record["arch"] or state.get("gene") != record["gene"]:
         raise UserError(f"{where}: the checkpoint is for {state['arch']} gene {state.get('gene')}, "
@@ -136,6 +138,17 @@ def check_resume(state: dict, record: dict, args: argparse.Namespace) -> None:
     if "optimizer" not in state:
         raise UserError(f"{where}: holds finished weights only (no optimizer state); to start a new run from them, "
                         f"pass it as --inherit instead")
+    done = state.get("epoch", 0)
+    if args.epochs < done:
+        raise UserError(f"{where}: the checkpoint has trained {done} epochs, more than --epochs {args.epochs}; give "
+                        f"--epochs {done} to report its result, or more to continue it")
+    samples, per_step = state.get("samples_in_epoch", 0), args.batch_size * world_size
+    if samples % per_step:
+        saved = state.get("config", {}).get("batch_size"), state.get("world_size", 1)
+        raise UserError(f"{where}: the checkpoint stopped {samples} samples into epoch {done + 1}, and a step of "
+                        f"--batch-size {args.batch_size} on {world_size} process(es) takes {per_step}, which does not "
+                        f"divide {samples}; resume with a batch size (times processes) that divides it, e.g. the "
+                        f"checkpoint's --batch-size {saved[0]} on {saved[1]} process(es)")
 
 
 class StopRequests:
@@ -205,10 +218,9 @@ class Trainer:
         self.steps = min(len(loader), args.steps_per_epoch or len(loader))
         self.scheduler = build_scheduler(self.optimizer, args, self.steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-        name = run_name(args)
-        self.ckpt_path = CHECKPOINT_DIR / f"{name}_checkpoint.pth.tar"
-        self.best_path = CHECKPOINT_DIR / f"{name}_best.pth.tar"
+        self.ckpt_path, self.best_path = run_files(args)
         self.epoch, self.step_in_epoch, self.best, self.metrics = 0, 0, -1.0, {}
+        self.run_id = uuid.uuid4().hex  # names this run's weights (checkpoint.identity); kept on resume
         self.stopping = False  # a stop signal reached some process
         self.overflows = 0  # fp16 steps in a row whose loss was non-finite (skipped by the GradScaler)
 
@@ -222,7 +234,8 @@ class Trainer:
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.resume_loss_scale(state.get("scaler") or {}, state.get("config", {}).get("amp"))
         self.epoch, self.best, self.metrics = state["epoch"], state["best_top1"], state.get("metrics", {})
-        # mid-epoch: go on after the same number of samples, whatever the batch size and world size
+        self.run_id = state.get("run_id", self.run_id)
+        # mid-epoch: go on after the same samples (check_resume made them a whole number of steps)
         self.step_in_epoch = state["samples_in_epoch"] // (self.args.batch_size * self.dist.world_size)
         self.scheduler.last_epoch = self.epoch * self.steps + self.step_in_epoch  # steps taken
         factor = lr_factor(self.args, (self.scheduler.last_epoch + 1) / self.steps)
@@ -263,7 +276,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "world_size": self.dist.world_size,
                 "samples_in_epoch": self.step_in_epoch * self.args.batch_size * self.dist.world_size,
-                "best_top1": self.best,
+                "best_top1": self.best, "run_id": self.run_id,
                 "metrics": self.metrics, "rng": rng, "config": vars(self.args)}
 
     def save(self, best: bool = False) -> None:
@@ -303,13 +316,23 @@ class Trainer:
         top1 = metrics.get("top1", -1.0)
         is_best = bool(metrics) and top1 > self.best
         self.best, self.metrics = max(self.best, top1), metrics or self.metrics
+        skipped = self.damaged_images()
         self.logger.record("epoch", epoch=self.epoch, train_loss=round(stats["loss"], 5),
                            train_top1=round(stats["top1"], 3), lr=stats["lr"], seconds=round(stats["time"], 2),
-                           img_s=round(stats["img_s"], 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()})
+                           img_s=round(stats["img_s"], 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()},
+                           **({"skipped_images": len(skipped)} if skipped else {}))
         self.logger.info(f"epoch {self.epoch}/{args.epochs} loss {stats['loss']:.4f} train top-1 {stats['top1']:.2f} "
                          f"lr {stats['lr']:.4g} {stats['img_s']:.0f} img/s"
                          + (f" | val top-1 {top1:.2f} (best {self.best:.2f})" if metrics else ""))
         self.save(best=is_best)
+
+    def damaged_images(self) -> list[str]:
+        """The damaged images every process skipped since the last call (``--skip-bad-images``), logged."""
+        mine = getattr(self.loader.dataset, "damaged", list)()  # one log for all of this process's image sets
+        skipped = [line for reports in all_gather(mine) for line in reports]
+        for line in skipped:
+            self.logger.info(line)
+        return skipped
 
     def train_one_epoch(self, stop: StopRequests) -> dict[str, float]:
         """Train from ``step_in_epoch`` to the end of the epoch (or until a stop signal).
@@ -400,16 +423,21 @@ class Trainer:
             if fp16:
                 raise TrainingStopped(f"the fp16 training loss has been non-finite for {self.overflows} steps in a "
                                       f"row up to {where}: an overflow in the forward pass, which the loss scale "
-                                      f"cannot fix; the last good checkpoint {self.ckpt_path} is kept (--resume it "
-                                      f"with --amp bf16, or without --amp)")
-            raise TrainingStopped(f"the training loss became non-finite at {where}; the last good checkpoint "
-                                  f"{self.ckpt_path} is kept (lower --lr or add --warmup-epochs, then --resume it)")
+                                      f"cannot fix; {self.last_good()} (with --amp bf16, or without --amp)")
+            raise TrainingStopped(f"the training loss became non-finite at {where}; {self.last_good()} (lower --lr or "
+                                  f"add --warmup-epochs)")
         if bad:
             step = bad[-1][0] - self.epoch * self.steps
             self.logger.info(f"{len(bad)} fp16 step(s) with a non-finite loss skipped by the GradScaler (the last at "
                              f"epoch {self.epoch} step {step}); loss scale now {self.scaler.get_scale():g}")
         self.stopping = stops > 0
         return loss_sum, hits, count
+
+    def last_good(self) -> str:
+        """Where a stopped run can go on from: its last checkpoint, if one was written."""
+        if self.ckpt_path.is_file():
+            return f"the last good checkpoint {self.ckpt_path} is kept: --resume it"
+        return "no checkpoint was written yet: start the run again"
 
     def log_step(self, step: int, gene: Gene | None, totals: tuple[float, float, float], seen: int,
                  start: float) -> None:
@@ -451,16 +479,22 @@ def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data,
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
     path = log_path(args)
     checkpoint.check_writable(CHECKPOINT_DIR, path.parent)
-    if dist_info.main:
-        data.save_split()
-    logger = RunLogger(path, enabled=dist_info.main, sink=make_sink(args, path.stem, path) if dist_info.main else None)
-    logger.info(f"config {json.dumps(vars(args), sort_keys=True)}")
-    logger.info(summary)
-    try:
-        metrics = Trainer(args, model, record, loader, device, logger, validate, layout, dist_info).fit(resume_state)
-        logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    finally:
-        logger.close()
+    # rank 0 writes; under the lock the outputs are checked again: a run of this name may have
+    # written them since main() first checked
+    with checkpoint.run_lock(CHECKPOINT_DIR, run_name(args)) if dist_info.main else contextlib.nullcontext():
+        if dist_info.main:
+            checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
+            data.save_split()
+        logger = RunLogger(path, enabled=dist_info.main,
+                           sink=make_sink(args, path.stem, path) if dist_info.main else None)
+        logger.info(f"config {json.dumps(vars(args), sort_keys=True)}")
+        logger.info(summary)
+        try:
+            metrics = Trainer(args, model, record, loader, device, logger, validate, layout,
+                              dist_info).fit(resume_state)
+            logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        finally:
+            logger.close()
     del model
     cleanup()
     return metrics

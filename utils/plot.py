@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .config import Parser, UserError, run_script
 from .logger import run_start
 
 MAX_DPI = 1000  # an 11 x 7 inch figure is then 11,000 x 7,000 pixels
+MAX_PLOTTED = 1e100  # larger finite values are damage, not measurements (NaN and infinity are plotted as gaps)
 VAL_SERIES = {"val_top1": "val", "val_top1_widest": "val widest", "val_top1_middle": "val middle",
               "val_top1_narrowest": "val narrowest"}
 NUMBER = (int, float)
@@ -44,8 +46,14 @@ CANDIDATE = {"error": NUMBER, "macs": NUMBER}
 
 
 def _is(value: Any, kind: Any) -> bool:
-    """isinstance, except that JSON's true/false are no numbers (bool subclasses int)."""
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    """isinstance, except that JSON's true/false are no numbers (bool subclasses int), and that a
+    finite number beyond ``MAX_PLOTTED`` is none either (matplotlib's ticks overflow on such a range)."""
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        return False
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    # NaN and infinity are drawn as gaps; an int is never either
+    return abs(value) <= MAX_PLOTTED or (isinstance(value, float) and not math.isfinite(value))
 
 
 def row_problem(row: dict[str, Any]) -> str | None:
