@@ -14,6 +14,7 @@ _FAMILIES: dict[str, "Family"] = {}
 SMALL_INPUT_MAX = 32  # inputs up to this size (Fashion-MNIST, CIFAR) get the small-input stem
 # Smallest image side each stem takes (small-input stem or not): its 8x or 32x downsampling leaves 1 pixel.
 MIN_INPUT_SIZE = {True: 8, False: 32}
+MAX_INPUT_SIZE = 4096  # a larger side is a typo (22400 for 224), not an image this code can hold in memory
 MAX_WIDTH_MULT = 16.0  # beyond this a full-width network has billions of parameters
 
 

@@ -150,6 +150,8 @@ def test_the_search_skips_damaged_images_too(work):
     (["--width-mult", "1e6"], "--width-mult must be a number in (0, 16]"),
     (["--input-size", "1"], "--input-size 1 is below 8 px"),
     (["--input-size", "24", "--no-small-input"], "--input-size 24 is below 32 px, the smallest the ImageNet stem"),
+    (["--input-size", "22400"], "--input-size must be at most 4096 px"),
+    (["--workers", "100000"], "--workers must be in 0..256"),
     (["--seed", str(2 ** 64)], "--seed must be an integer in [0, 2**63)"),
     (["--seed", "-1"], "--seed must be an integer in [0, 2**63)"),
     (["--json", "."], "--json .: is a folder"),

@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from models import MAX_WIDTH_MULT, MIN_INPUT_SIZE, list_models, small_input_for
+from models import MAX_INPUT_SIZE, MAX_WIDTH_MULT, MIN_INPUT_SIZE, list_models, small_input_for
 
 DATASETS = ("imagenet", "fashionmnist")
 DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashionmnist": 32}
 CHECKPOINT_DIR = Path("checkpoints/meta_prune")
 LOG_DIR = Path("logs")
+MAX_WORKERS = 256  # loader processes per training process
 
 
 class UserError(Exception):
@@ -196,8 +197,8 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.width_mult is not None and not (math.isfinite(args.width_mult) and 0 < args.width_mult <= MAX_WIDTH_MULT):
         raise UserError(f"--width-mult must be a number in (0, {MAX_WIDTH_MULT:g}], got {args.width_mult}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if not 0 <= args.workers <= MAX_WORKERS:
+        raise UserError(f"--workers must be in 0..{MAX_WORKERS}, got {args.workers}")
     if not 0 <= args.seed < 2 ** 63:
         raise UserError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     smallest = MIN_INPUT_SIZE[args.small_input]
@@ -205,6 +206,8 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
         stem = ("the small-input stem (8x downsampling)" if args.small_input else
                 "the ImageNet stem (7x7/2 conv and max-pool, 32x downsampling; --small-input takes 8 px and more)")
         raise UserError(f"--input-size {args.input_size} is below {smallest} px, the smallest {stem} takes")
+    if args.input_size > MAX_INPUT_SIZE:
+        raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE} px, got {args.input_size}")
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise UserError(f"--dist-timeout must be a positive number of minutes, got {args.dist_timeout}")
     if not 1 <= args.vis_port <= 65535:
