@@ -58,7 +58,9 @@ def get_args_parser() -> Parser:
     p.flag("--mutation-num", type=int, default=25)
     p.flag("--crossover-num", type=int, default=25)
     p.flag("--mutation-prob", type=float, default=0.1, help="per-position probability of a new id")
-    p.flag("--recal-batches", type=int, default=20, help="training batches (of --batch-size) for BN recalibration")
+    p.flag("--recal-batches", type=int, default=20, help="training batches for BN recalibration")
+    p.flag("--recal-batch-size", type=int, default=None,
+           help="images per recalibration batch (default --batch-size); MetaPruning's search: 100 batches of 1000")
     p.flag("--log", default=None, help="human-readable search log (default logs/MetaPruneSearch_{arch}_flops{N}"
                                        "{suffix}.txt)")
     return p
@@ -79,9 +81,10 @@ def _validate(args: argparse.Namespace) -> None:
         if getattr(args, name) and not millionths(getattr(args, name), round_up=False):
             raise UserError(f"--{name} {getattr(args, name)} is below 1 {unit} (0.000001 M); give 0 for no "
                             f"limit or a budget of at least 0.000001")
-    if args.recal_batches < 1 or args.lut_batch < 1 or args.lut_repeats < 1:
-        raise UserError(f"--recal-batches, --lut-batch and --lut-repeats must be positive integers, got "
-                        f"{args.recal_batches}, {args.lut_batch} and {args.lut_repeats}")
+    if min(args.recal_batches, args.recal_batch_size or 1, args.lut_batch, args.lut_repeats) < 1:
+        raise UserError(f"--recal-batches, --recal-batch-size, --lut-batch and --lut-repeats must be positive "
+                        f"integers, got {args.recal_batches}, {args.recal_batch_size}, {args.lut_batch} and "
+                        f"{args.lut_repeats}")
     if args.log:
         check_log_file(args.log, "--log")
     if not (args.resume or args.search_resume or args.dry_run):
@@ -250,8 +253,8 @@ def flag_names(message: str) -> str:
 
 
 # Flags whose values change the candidates' scores or the evolution: a resumed search must keep them.
-RESUME_FLAGS = ("dataset", "input_size", "width_mult", "batch_size", "recal_batches", "val_per_class", "seed",
-                "population", "select_num", "mutation_num", "crossover_num", "mutation_prob")
+RESUME_FLAGS = ("dataset", "input_size", "width_mult", "batch_size", "recal_batches", "recal_batch_size",
+                "val_per_class", "seed", "population", "select_num", "mutation_num", "crossover_num", "mutation_prob")
 
 
 def search_settings(args: argparse.Namespace, pruningnet: dict) -> dict:
@@ -346,7 +349,8 @@ def main(argv: list[str] | None = None) -> list:
                     defer_split=True, skip_damaged=args.skip_bad_images)
     state = initial_state(args, layout, feasible, resumed)
     began = time.perf_counter()
-    evaluator = search_evaluator(net, data, args.recal_batches, args.batch_size, args.seed, device, args.workers)
+    evaluator = search_evaluator(net, data, args.recal_batches, args.batch_size, args.seed, device, args.workers,
+                                 args.recal_batch_size)
     decoding = time.perf_counter() - began
     checkpoint.check_writable(CHECKPOINT_DIR, files.log.parent)
     # rank 0 writes; the stop signals are caught until the export is written, so a signal after the

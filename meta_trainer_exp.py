@@ -42,6 +42,7 @@ def get_args_parser() -> Parser:
            help="start from inherited weights (fine-tuning): a PruningNet checkpoint's generated weights for the "
                 "gene, or a PrunedNet checkpoint of the same gene; without a path, the PruningNet the search used")
     p.flag("--recal-batches", type=int, default=20, help="training batches for BN recalibration of --valuate probes")
+    p.flag("--recal-batch-size", type=int, default=None, help="images per recalibration batch (default --batch-size)")
     return p
 
 
@@ -56,8 +57,9 @@ def _validate(args: argparse.Namespace) -> None:
     if is_pruningnet(args.arch) and args.inherit:
         raise UserError(f"--inherit is for *_prunednet archs, not {args.arch}")
     validate_gene_args(args)
-    if args.recal_batches < 1:
-        raise UserError(f"--recal-batches must be a positive integer, got {args.recal_batches}")
+    if args.recal_batches < 1 or (args.recal_batch_size is not None and args.recal_batch_size < 1):
+        raise UserError(f"--recal-batches and --recal-batch-size must be positive integers, got {args.recal_batches} "
+                        f"and {args.recal_batch_size}")
 
 
 def validate_gene_args(args: argparse.Namespace) -> None:
@@ -165,7 +167,8 @@ def build_pruningnet(args: argparse.Namespace, data, device: torch.device, dist_
     """The PruningNet, its checkpoint record, and ``--valuate``'s probe-gene scoring on the sub-val split."""
     layout = get_family(args.arch).layout
     model = create_model(args.arch, **model_args).to(device)
-    recal = fixed_batches(data.train_eval, args.recal_batches, args.batch_size, args.seed, device, args.workers)
+    recal = fixed_batches(data.train_eval, args.recal_batches, args.recal_batch_size or args.batch_size, args.seed,
+                          device, args.workers)
     subval = make_loader(data.subval, args.batch_size, False, args.workers, rank=dist_info.rank,
                          world_size=dist_info.world_size, pin_memory=device.type == "cuda")
     evaluator = CandidateEvaluator(model, recal, subval, device, reduce=dist_info.enabled)
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True) if args.resume else None
     checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning,
-                    seed=args.seed, defer_split=True, skip_damaged=args.skip_bad_images)
+                    seed=args.seed, defer_split=True, skip_damaged=args.skip_bad_images, lighting=args.lighting)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     build = build_pruningnet if pruning else build_prunednet
     model, record, validate, layout, summary = build(args, data, device, dist_info, model_args)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True) if args.resume else None
     checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=False, seed=args.seed,
-                    skip_damaged=args.skip_bad_images)
+                    skip_damaged=args.skip_bad_images, lighting=args.lighting)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     gene, _ = resolve_gene(args)
     model = create_model(args.arch, gene=gene, **model_args).to(device)

@@ -66,6 +66,7 @@ def training_step(arch: str, device: torch.device, size: int, width: float, amp:
     config = {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "label_smoothing": 0.1,
               "lr_scheduler": "linear", "warmup_epochs": 0, "epochs": 1, "steps_per_epoch": 0, "amp": amp,
               "channels_last": channels_last, "sync_bn": False, "dataset": "imagenet", "arch": f"{arch}_pruningnet",
+              "lr_milestones": None, "lr_gamma": 0.1, "depthwise_decay": True, "dropout": None,
               "suffix": "", "seed": 0, "input_size": size}
     trainer = Trainer(argparse.Namespace(**config), net, {}, range(10 ** 6), device, RunLogger(None, enabled=False),
                       validate=dict, layout=net.spec.layout)

@@ -39,14 +39,17 @@ class DataBundle:
 
 def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class: int = 50,
              hold_out: bool = True, seed: int = 0, defer_split: bool = False,
-             skip_damaged: bool = False) -> DataBundle:
+             skip_damaged: bool = False, lighting: float = 0.0) -> DataBundle:
     """Load ``dataset`` (``imagenet``: any ImageFolder root; ``fashionmnist``) and its sub-val split.
 
     ``hold_out=True`` holds the sub-validation split out of training (PruningNet training, search);
     ``hold_out=False`` trains on all of train (retraining a PrunedNet) and draws no split.
     ``skip_damaged`` leaves image files that cannot be decoded out of their batches (each reported
-    through ``Images.damaged``) instead of stopping with one line naming the first.
+    through ``Images.damaged``) instead of stopping with one line naming the first. ``lighting`` adds
+    PCA lighting noise of that standard deviation to the training images (ImageNet only).
     """
+    if lighting and dataset != "imagenet":
+        raise UserError(f"--lighting is noise on colour photos (--dataset imagenet), not on {dataset}")
     if dataset == "imagenet":
         root = Path(data_root)
         Images = partial(folder.Images, damage_log=folder.DamageLog() if skip_damaged else None)  # one log for all
@@ -55,7 +58,7 @@ def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class
         if val_classes != classes:
             raise UserError(f"--data-root {root}: val/ has classes {val_classes[:3]}... but train/ has "
                             f"{classes[:3]}...; both must hold the same class folders")
-        train_tf, eval_tf = folder.transforms(input_size)
+        train_tf, eval_tf = folder.transforms(input_size, lighting)
         val = Images(val_samples, eval_tf)
         if not hold_out:
             return DataBundle(Images(samples, train_tf, seed), Images(samples, eval_tf), None, val, len(classes), None)

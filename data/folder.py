@@ -136,12 +136,31 @@ class Normalize:
         return x.float().div_(255).sub_(mean).div_(std)
 
 
-def transforms(input_size: int) -> tuple[Callable, Callable]:
-    """Standard ImageNet train (random-resized crop, flip) and eval (resize, center crop) transforms."""
+class Lighting:
+    """AlexNet's PCA lighting noise (Krizhevsky et al., 2012) on a float RGB image in [0, 1]: adds
+    ImageNet's principal colour components, each scaled by its eigenvalue and a normal draw of
+    standard deviation ``std`` (from torch's RNG, which ``Images`` seeds per sample)."""
+
+    # ImageNet's RGB covariance, as published with AlexNet and used by fb.resnet.torch and MetaPruning
+    EIGVAL = (0.2175, 0.0188, 0.0045)
+    EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+    def __init__(self, std: float) -> None:
+        self.std = std
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.std
+        shift = torch.tensor(self.EIGVEC) @ (alpha * torch.tensor(self.EIGVAL))  # one offset per channel
+        return img + shift.view(3, 1, 1)
+
+
+def transforms(input_size: int, lighting: float = 0.0) -> tuple[Callable, Callable]:
+    """Standard ImageNet train (random-resized crop, flip, optional PCA ``lighting``) and eval
+    (resize, center crop) transforms."""
     from torchvision import transforms as T  # imported late: it costs seconds that --dry-run should not pay
 
     train = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                       T.Normalize(MEAN, STD)])
+                       *([Lighting(lighting)] if lighting else []), T.Normalize(MEAN, STD)])
     evaluate = T.Compose([T.Resize(int(round(input_size / 0.875))), T.CenterCrop(input_size), T.PILToTensor(),
                           Normalize(MEAN, STD)])
     return train, evaluate

@@ -40,8 +40,9 @@ class CandidateEvaluator:
 
 
 def search_evaluator(net: PruningNet, data: DataBundle, recal_batches: int, batch_size: int, seed: int,
-                     device: torch.device, workers: int = 0) -> CandidateEvaluator:
-    """The search's scorer: BN recalibrated on ``recal_batches`` fixed training batches, top-1 on the
-    whole sub-validation split; both decoded once and kept for every candidate (``data.cache``)."""
-    recal = fixed_batches(data.train_eval, recal_batches, batch_size, seed, device, workers)
+                     device: torch.device, workers: int = 0, recal_batch_size: int | None = None) -> CandidateEvaluator:
+    """The search's scorer: BN recalibrated on ``recal_batches`` fixed training batches (of
+    ``recal_batch_size``, default ``batch_size``), top-1 on the whole sub-validation split in batches
+    of ``batch_size``; both decoded once and kept for every candidate (``data.cache``)."""
+    recal = fixed_batches(data.train_eval, recal_batches, recal_batch_size or batch_size, seed, device, workers)
     return CandidateEvaluator(net, recal, decode(data.subval, batch_size, device, workers), device)

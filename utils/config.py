@@ -130,6 +130,11 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
         return value
     if value is None and action.default is None:
         return None
+    if action.nargs == "+":
+        if not isinstance(value, list) or not value:
+            raise UserError(f"{key} must be a list of values, got {value!r}")
+        return [_coerce(argparse.Action([], action.dest, type=action.type, choices=action.choices), v, where)
+                for v in value]
     kind = action.type or str
     if kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -221,7 +226,8 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
 
 
 # training flags and the interval [low, high) each must lie in
-_RANGES = {"lr": (0.0, math.inf), "momentum": (0.0, 1.0), "weight_decay": (0.0, math.inf),
+_RANGES = {"lr": (0.0, math.inf), "momentum": (0.0, 1.0), "weight_decay": (0.0, math.inf), "lr_gamma": (0.0, 1.0),
+           "lighting": (0.0, math.inf), "dropout": (0.0, 1.0),
            "label_smoothing": (0.0, 1.0), "warmup_epochs": (0, math.inf), "steps_per_epoch": (0, math.inf),
            "save_every_steps": (0, math.inf)}
 
@@ -235,6 +241,12 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a finite number {span}, got {value}")
     if getattr(args, "warmup_epochs", 0) > args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
+    milestones = getattr(args, "lr_milestones", None)
+    if getattr(args, "lr_scheduler", None) == "step" and not milestones:
+        raise UserError("--lr-scheduler step needs --lr-milestones EPOCH [EPOCH ...], e.g. --lr-milestones 8 16 24")
+    if milestones and (milestones != sorted(set(milestones)) or not 0 < milestones[0] <= milestones[-1] < args.epochs):
+        raise UserError(f"--lr-milestones must be increasing epochs in 1..{args.epochs - 1}, got "
+                        f"{' '.join(map(str, milestones))}")
 
 
 def check_log_file(path: str, flag: str) -> None:
@@ -286,9 +298,20 @@ def add_training_args(p: Parser) -> None:
     p.flag("--nesterov", action="store_true")
     p.flag("--weight-decay", "--wd", type=float, default=1e-4, help="on weights only, not BN or biases")
     p.flag("--label-smoothing", type=float, default=0.1)
-    p.flag("--lr-scheduler", default="linear", choices=("linear", "cosine"),
-           help="per-step decay to zero after warmup (linear is MetaPruning's)")
+    p.flag("--lr-scheduler", default="linear", choices=("linear", "cosine", "step"),
+           help="after warmup: per-step decay to zero (linear: MetaPruning's retraining; cosine), or step: the "
+                "learning rate times --lr-gamma at each of --lr-milestones (MetaPruning's ResNet50 recipes)")
+    p.flag("--lr-milestones", type=int, nargs="+", default=None, help="epochs at which --lr-scheduler step decays")
+    p.flag("--lr-gamma", type=float, default=0.1, help="factor of each --lr-scheduler step decay")
     p.flag("--warmup-epochs", type=int, default=0)
+    p.flag("--lighting", type=float, default=0.0,
+           help="AlexNet-style PCA lighting noise on training images, its standard deviation (ImageNet; "
+                "MetaPruning's ResNet50 retraining uses 0.1; 0 = off)")
+    p.flag("--depthwise-decay", action=argparse.BooleanOptionalAction, default=True,
+           help="weight decay on depthwise convs too (--no-depthwise-decay: only on full and 1x1 convs and the "
+                "classifier, MetaPruning's MobileNetV2 retraining)")
+    p.flag("--dropout", type=float, default=None,
+           help="dropout before the classifier while training (default: the family's, 0.2 MobileNetV2, 0 ResNet50)")
     p.flag("--valuate", action=argparse.BooleanOptionalAction, default=False,
            help="validate after every epoch (else only after the last)")
     p.flag("--resume", default=None, help="continue training from this _checkpoint.pth.tar")

@@ -42,8 +42,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     The fused kernel updates every parameter in a few launches and takes GradScaler's inf check as
     a device tensor, so an fp16 step does not wait for the device to learn whether to skip.
     """
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    spared = set() if args.depthwise_decay else {id(p) for p in depthwise_parameters(model)}
+    decay = [p for p in model.parameters() if p.ndim > 1 and id(p) not in spared]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 or id(p) in spared]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, fused=True)
     if args.momentum:
@@ -56,10 +57,28 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     return optimizer
 
 
+def depthwise_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of depthwise convs: a PrunedNet's, or the generators of a PruningNet's."""
+    from models.layers import GeneratedConv
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
+            out.append(m.weight)
+        elif isinstance(m, GeneratedConv) and m.spec.depthwise:
+            out += [m.fc1.weight, m.weight2]
+    return out
+
+
 def lr_factor(args: argparse.Namespace, progress_: float) -> float:
-    """Learning-rate multiplier at a fractional epoch: linear warmup, then linear (MetaPruning's) or cosine decay."""
+    """Learning-rate multiplier at a fractional epoch: linear warmup, then linear (MetaPruning's
+    retraining) or cosine decay to zero, or a step decay by ``--lr-gamma`` at each milestone epoch."""
     if progress_ < args.warmup_epochs:
         return progress_ / args.warmup_epochs
+    if args.lr_scheduler == "step":
+        # progress is counted at a step's end: the last step of epoch m - 1 ends at exactly m, and epoch
+        # m's first step is the first to decay, as with a scheduler stepped once per epoch
+        return args.lr_gamma ** sum(progress_ > m for m in args.lr_milestones)
     t = min(1.0, (progress_ - args.warmup_epochs) / max(1e-9, args.epochs - args.warmup_epochs))
     return 0.5 * (1 + math.cos(math.pi * t)) if args.lr_scheduler == "cosine" else 1 - t
 
@@ -211,6 +230,8 @@ class Trainer:
             if device.type != "cuda":
                 raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if args.dropout is not None:  # a training setting: the weights, and so the checkpoint, are the same
+            model.dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
         self.model = model
         self.ddp = wrap_ddp(model, device, pruningnet=layout is not None) if dist_info.enabled else model
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
