@@ -30,18 +30,46 @@ def channels(base: int, gene_id: int) -> int:
 
 
 @dataclass(frozen=True)
+class OfficialForm:
+    """How the official MetaPruning code writes a gene of a family, on the same id grid.
+
+    ``sources[p]`` are the official positions that hold position ``p``'s id (one, or several that
+    the official code keeps equal, such as the blocks of one MobileNetV2 stage), or ``None`` for a
+    position the official encoding leaves out because it is always full width.
+    """
+
+    length: int
+    sources: tuple[tuple[int, ...] | None, ...]
+
+    def convert(self, ids: Sequence[object], names: Sequence[str]) -> list[object]:
+        """This layout's ids from an official gene; tied official positions must agree."""
+        out: list[object] = []
+        for name, src in zip(names, self.sources):
+            if src is None:
+                out.append(FULL_ID)
+                continue
+            values = [ids[j] for j in src]
+            if any(v != values[0] for v in values):
+                raise ValueError(f"official gene positions {', '.join(map(str, src))} ({name}) hold "
+                                 f"{', '.join(map(str, values))}: they are one stage, which has one width here and "
+                                 f"in the official PruningNet (its residual adds need it)")
+            out.append(values[0])
+        return out
+
+
+@dataclass(frozen=True)
 class GeneLayout:
     """What a gene means for one architecture family.
 
     ``names`` labels every position; ``fixed`` positions must stay full width (their output feeds
-    a classifier of fixed input size). ``short_form_slot`` is the fixed position that a shorter,
-    official encoding leaves out (ResNet50's 20-id form has no ``stage4`` entry).
+    a classifier of fixed input size). ``official`` is how the official MetaPruning code writes
+    the same gene (ResNet50's 20 ids without ``stage4``; MobileNetV2's 35 per-layer ids).
     """
 
     family: str
     names: tuple[str, ...]
     fixed: tuple[int, ...]
-    short_form_slot: int | None = None
+    official: OfficialForm | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -50,28 +78,24 @@ class GeneLayout:
         """Parse and validate a gene written as a list or as a ``"[20, 10, ...]"`` string.
 
         Accepted: the full form, the full form plus a trailing top-1 error element (as the
-        search writes it), and the official short form (with or without the error element).
+        search writes it), and the official form (with or without its error element).
         Returns canonical ids in ``0..30`` (``-1`` becomes ``30``).
         """
         items = _as_list(value)
-        n = len(self.names)
-        lengths = {n, n + 1}
-        if self.short_form_slot is not None:
-            lengths |= {n - 1}
-            # n ids, or n - 1 official ids plus an error: a float last element marks the error.
-            if len(items) == n and isinstance(items[-1], float):
-                items = items[:-1]
-        if len(items) not in lengths:
-            forms = f"{n} ids (optionally followed by its top-1 error)"
-            if self.short_form_slot is not None:
-                forms += f", or the official {n - 1}-id form without '{self.names[self.short_form_slot]}'"
-            raise ValueError(f"a {self.family} gene has {forms}; got {len(items)} elements: {items}")
-        if len(items) == n + 1:
+        n, official = len(self.names), self.official.length if self.official else None
+        if official is not None and len(items) == official + 1 and (len(items) != n or isinstance(items[-1], float)):
+            items = items[:-1]  # an official gene and its error (a float last element tells it from n ids)
+        elif len(items) == n + 1:
             err = items.pop()
             if isinstance(err, bool) or not isinstance(err, (int, float)) or not math.isfinite(err):
                 raise ValueError(f"the last gene element is read as a top-1 error and must be a number, got {err!r}")
-        if len(items) == n - 1:
-            items.insert(self.short_form_slot, FULL_ID)
+        if official is not None and len(items) == official and official != n:
+            items = self.official.convert(items, self.names)
+        if len(items) != n:
+            forms = f"{n} ids (optionally followed by its top-1 error)"
+            if official is not None:
+                forms += f", or the official MetaPruning code's {official} ids"
+            raise ValueError(f"a {self.family} gene has {forms}; got {len(items)} elements: {items}")
         return self.validate(items)
 
     def validate(self, ids: Sequence[object]) -> Gene:

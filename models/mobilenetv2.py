@@ -6,7 +6,7 @@ width of bottleneck k, whose full width is the block's *input* base channels tim
 """
 from __future__ import annotations
 
-from .gene import GeneLayout
+from .gene import GeneLayout, OfficialForm
 from .layers import IMAGE_SLOT, ArchSpec, BlockSpec, ConvSpec, PrunedNet, PruningNet
 from .registry import register_family, register_model
 
@@ -28,11 +28,22 @@ NUM_BLOCKS = sum(n for _, _, n, _ in BOTTLENECKS)
 STEM_HIDDEN, BLOCK_HIDDEN = 32, 64
 DROPOUT = 0.2
 
+def _official_form() -> OfficialForm:
+    """The official code's 35 ids: 18 per-layer output ids (the stem, then every bottleneck, the
+    blocks of a stage kept equal), then the 17 expand ids; the last conv is always full width."""
+    outputs, first = [(0,)], 1
+    for _, _, n, _ in BOTTLENECKS:
+        outputs.append(tuple(range(first, first + n)))
+        first += n
+    return OfficialForm(first + NUM_BLOCKS, (*outputs, None, *((first + k,) for k in range(NUM_BLOCKS))))
+
+
 LAYOUT = GeneLayout(
     family="mobilenetv2",
     names=("stem", *(f"stage{i + 1}" for i in range(len(BOTTLENECKS))), "last_conv",
            *(f"mid_{k + 1}" for k in range(NUM_BLOCKS))),
     fixed=(len(BOTTLENECKS) + 1,),
+    official=_official_form(),
 )
 
 

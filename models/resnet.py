@@ -7,7 +7,7 @@ writes the same gene without ``stage4`` (20 ids); both forms parse.
 """
 from __future__ import annotations
 
-from .gene import GeneLayout
+from .gene import GeneLayout, OfficialForm
 from .layers import IMAGE_SLOT, ArchSpec, BlockSpec, ConvSpec, PrunedNet, PruningNet
 from .registry import register_family, register_model
 
@@ -22,7 +22,8 @@ LAYOUT = GeneLayout(
     family="resnet50",
     names=("stem", *(f"stage{i + 1}" for i in range(4)), *(f"mid_{k + 1}" for k in range(sum(STAGE_BLOCKS)))),
     fixed=(4,),
-    short_form_slot=4,
+    # the official code's 20 ids: [stem, stage1, stage2, stage3, mid_1 ... mid_16], stage4 always full
+    official=OfficialForm(20, ((0,), (1,), (2,), (3,), None, *((4 + k,) for k in range(sum(STAGE_BLOCKS))))),
 )
 
 

@@ -100,3 +100,15 @@ def test_cli_bad_input_is_one_line_exit_2(args, words):
     assert r.returncode == 2
     assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
     assert words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_reads_the_official_35_id_mobilenetv2_gene():
+    from test_gene import OFFICIAL_MBV2_MID, OFFICIAL_MBV2_OUT
+
+    r = run_cli("--arch", "mobilenetv2", "--gene", str(OFFICIAL_MBV2_OUT + OFFICIAL_MBV2_MID), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["gene"][:9] == [14, 12, 11, 8, 7, 8, 14, 8, -1]
+    # conv + classifier MACs of the channels the official code builds (its counter adds BN, pooling and the
+    # classifier bias on top: 108.40 M there)
+    assert 104.8e6 < out["macs"] < 104.9e6

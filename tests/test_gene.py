@@ -49,6 +49,33 @@ def test_parse_official_short_form_inserts_stage4():
     assert R50.parse(OFFICIAL_1G + [40.1]) == gene
 
 
+# The official code's MobileNetV2 gene (mobilenetv2/evaluating/mobilenet_v2.py of liuzechun/MetaPruning):
+# 18 per-layer output ids, then 17 expand ids.
+OFFICIAL_MBV2_OUT = [14, 12, 11, 11, 8, 8, 8, 7, 7, 7, 7, 8, 8, 8, 14, 14, 14, 8]
+OFFICIAL_MBV2_MID = [6, 5, 2, 15, 7, 17, 14, 5, 11, 12, 12, 11, 6, 16, 14, 13, 14]
+
+
+def test_parse_official_mobilenetv2_35_id_form():
+    gene = MBV2.parse(OFFICIAL_MBV2_OUT + OFFICIAL_MBV2_MID)
+    # one id per stage (the first block's, the others equal it), the fixed last conv, the 17 expand ids
+    assert MBV2.format(gene) == [14, 12, 11, 8, 7, 8, 14, 8, -1, *OFFICIAL_MBV2_MID]
+    assert MBV2.parse(OFFICIAL_MBV2_OUT + OFFICIAL_MBV2_MID + [33.2]) == gene  # with the search's error
+    # the channels the official code builds from it (its int(base * ratio) on the same base table)
+    spec = get_family("mobilenetv2").build_spec()
+    ch = spec.channels(gene)
+    assert ch[:8] == [22, 10, 14, 14, 27, 44, 116, 152]
+    assert ch[9:] == [12, 33, 31, 108, 81, 161, 137, 132, 227, 242, 242, 340, 221, 459, 698, 658, 698]
+
+
+def test_an_official_mobilenetv2_gene_with_untied_stage_blocks_is_refused():
+    untied = list(OFFICIAL_MBV2_OUT)
+    untied[5] = 9  # stage 3's second block differs from its first
+    with pytest.raises(ValueError, match=r"official gene positions 4, 5, 6 \(stage3\) hold 8, 9, 8"):
+        MBV2.parse(untied + OFFICIAL_MBV2_MID)
+    with pytest.raises(ValueError, match="or the official MetaPruning code's 35 ids; got 34"):
+        MBV2.parse(OFFICIAL_MBV2_OUT + OFFICIAL_MBV2_MID[:-1])
+
+
 def test_format_writes_fixed_positions_as_minus_one():
     gene = R50.parse(SEED_1500)
     assert R50.format(gene) == SEED_1500
