@@ -92,6 +92,15 @@ def test_no_depthwise_decay_spares_exactly_the_depthwise_weights(arch):
     assert decayed < all_in  # by default the depthwise weights decay too
 
 
+def test_resume_under_other_weight_decay_groups_is_one_line(work):
+    train(work, "--arch", "mobilenetv2_pruningnet", "--epochs", "1", "--no-depthwise-decay")
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "mobilenetv2_pruningnet", "--epochs", "2", "--resume",
+               "checkpoints/meta_prune/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar", cwd=work)
+    assert_one_line_error(r, "built with --no-depthwise-decay", "resume with --no-depthwise-decay")
+    train(work, "--arch", "mobilenetv2_pruningnet", "--epochs", "2", "--no-depthwise-decay", "--resume",
+          "checkpoints/meta_prune/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar")
+
+
 @pytest.mark.parametrize("arch, flag, expected", [
     ("mobilenetv2_prunednet", [], 0.2), ("mobilenetv2_prunednet", ["--dropout", "0"], None),
     ("resnet50_prunednet", [], None), ("resnet50_prunednet", ["--dropout", "0.3"], 0.3),

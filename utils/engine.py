@@ -37,7 +37,9 @@ FP16_OVERFLOW_STEPS = 50
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD with momentum; weight decay on weights only (not on BN, biases or generator input layers).
+    """SGD with momentum; weight decay on every parameter of more than one dimension (conv and linear
+    weights, the generators' matrices), none on BN parameters and biases, and with
+    ``--no-depthwise-decay`` none on depthwise convs (or their generators).
 
     The fused kernel updates every parameter in a few launches and takes GradScaler's inf check as
     a device tensor, so an fp16 step does not wait for the device to learn whether to skip.
@@ -157,6 +159,11 @@ def check_resume(state: dict, record: dict, args: argparse.Namespace, world_size
     if "optimizer" not in state:
         raise UserError(f"{where}: holds finished weights only (no optimizer state); to start a new run from them, "
                         f"pass it as --inherit instead")
+    saved_decay = state.get("config", {}).get("depthwise_decay", True)
+    if saved_decay != args.depthwise_decay:
+        flag = "--depthwise-decay" if saved_decay else "--no-depthwise-decay"
+        raise UserError(f"{where}: the checkpoint's optimizer was built with {flag} (another set of decayed "
+                        f"parameters); resume with {flag}")
     done = state.get("epoch", 0)
     if args.epochs < done:
         raise UserError(f"{where}: the checkpoint has trained {done} epochs, more than --epochs {args.epochs}; give "
