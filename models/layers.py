@@ -155,7 +155,8 @@ class GeneratedConv(nn.Module):
         with torch.no_grad():
             widest = F.relu(self.fc1(torch.ones(len(conv.gen_slots))))
         std = (2.0 / (cout * k2)) ** 0.5
-        bound = std * (3.0 / (float(widest.square().sum()) + 1.0)) ** 0.5
+        # a net built on the meta device has shapes and no values: nothing to scale by
+        bound = 0.0 if widest.is_meta else std * (3.0 / (float(widest.square().sum()) + 1.0)) ** 0.5
         self.weight2 = nn.Parameter(torch.empty(cout, cin, k2, h).uniform_(-bound, bound))
         self.bias2 = nn.Parameter(torch.empty(cout, cin, k2).uniform_(-bound, bound))
         self.register_buffer("gen_index", torch.tensor(conv.gen_slots), persistent=False)

@@ -1,7 +1,11 @@
+import contextlib
 import os
 import random
+import shutil
+import signal
 import sys
 from pathlib import Path
+from typing import Iterator
 
 # One thread per process: tests run servers and torchrun workers beside the test process, and
 # oversubscribed OpenMP threads make small ops tens of times slower.
@@ -15,17 +19,69 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
 
+@contextlib.contextmanager
+def global_state_kept() -> Iterator[None]:
+    """Put back the process-wide state an in-process run of an entry script sets: deterministic
+    algorithms, cuDNN flags, thread count, the working folder, environment variables, signal handlers;
+    and start from one torch seed, so that no test draws what an earlier test left in the generator."""
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    threads, cwd, env = torch.get_num_threads(), os.getcwd(), dict(os.environ)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.manual_seed(0)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+@pytest.fixture(autouse=True)
+def _clean_global_state() -> Iterator[None]:
+    """Every test starts from the same process-wide state, whichever tests ran before it."""
+    with global_state_kept():
+        yield
+
+
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)
 
 
+def make_work(folder: Path) -> Path:
+    from data.synthetic import make_image_folder
+
+    make_image_folder(folder / "img", num_classes=3, train_per_class=12, val_per_class=4, size=24)
+    return folder
+
+
 @pytest.fixture
 def work(tmp_path):
     """A scratch working folder holding a tiny generated ImageFolder, ``img/`` (3 classes)."""
-    from data.synthetic import make_image_folder
+    return make_work(tmp_path)
 
-    make_image_folder(tmp_path / "img", num_classes=3, train_per_class=12, val_per_class=4, size=24)
+
+@pytest.fixture(scope="session")
+def pruningnet_once(tmp_path_factory) -> Path:
+    """A ``work`` folder after one epoch of a tiny MobileNetV2 PruningNet, trained once for the session."""
+    from helpers import train
+
+    folder = make_work(tmp_path_factory.mktemp("pruningnet"))
+    with global_state_kept():
+        train(folder, "--arch", "mobilenetv2_pruningnet", "--epochs", "1")
+    return folder
+
+
+@pytest.fixture
+def trained(tmp_path, pruningnet_once) -> Path:
+    """``work`` as ``meta_trainer_exp.py --arch mobilenetv2_pruningnet --epochs 1`` left it (a copy)."""
+    shutil.copytree(pruningnet_once, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 

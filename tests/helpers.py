@@ -13,17 +13,26 @@ from pathlib import Path
 from conftest import ROOT
 from utils import config
 
+# --cpu: the scripts default to CUDA 0 where there is one; these tests mean the CPU (gloo, CPU timings,
+# bit-exact CPU results) on every machine. scripts/gpu_check.sh is where the CUDA paths run.
 TINY_DATA = ["--dataset", "imagenet", "--data-root", "img", "--width-mult", "0.125", "--input-size", "24",
-             "--batch-size", "8", "--workers", "0", "--val-per-class", "4"]
+             "--batch-size", "8", "--workers", "0", "--val-per-class", "4", "--cpu"]
 TINY_TRAIN = TINY_DATA + ["--recal-batches", "2"]
+ENTRY_SCRIPTS = {"meta_trainer_exp.py", "meta_search_exp.py", "trainer_exp.py"}
+
+
+def on_cpu(script: str, args: tuple[str, ...]) -> list[str]:
+    """``args`` with ``--cpu`` for an entry script, unless it names its device itself."""
+    own = script not in ENTRY_SCRIPTS or "--cpu" in args or "--gpu" in args
+    return list(args) if own else [*args, "--cpu"]
 
 
 def run_script(script: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python ROOT/script args`` in ``cwd`` (outside the checkout, as a user may)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                       env=full_env, timeout=timeout)
+    r = subprocess.run([sys.executable, str(ROOT / script), *on_cpu(script, args)], cwd=cwd, capture_output=True,
+                       text=True, env=full_env, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -31,13 +40,13 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True, env: dict
 
 def invoke(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run an entry script's ``main`` in this process (fast), as ``python script args`` would from ``cwd``."""
-    module = importlib.import_module(Path(script).stem)
+    module = importlib.import_module(str(Path(script).with_suffix("")).replace("/", "."))
     out, err, code = io.StringIO(), io.StringIO(), 0
     old = os.getcwd()
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            config.run_script(module.main, list(args))
+            config.run_script(module.main, on_cpu(script, args))
     except SystemExit as e:
         code = e.code
     finally:

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 import torch
 
-from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, dry_run, invoke, train
+from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, dry_run, invoke
 from utils import checkpoint
 from utils.config import UserError
 
@@ -20,12 +20,6 @@ def snapshot(root) -> dict:
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
-
-@pytest.fixture
-def trained(work):
-    train(work, *MBV2, "--epochs", "1")
-    return work
-
 
 def test_every_flipped_bit_of_a_checkpoint_loads_or_is_one_user_error(trained, tmp_path):
     good = (trained / PRUNINGNET).read_bytes()
@@ -130,8 +124,8 @@ def test_skip_bad_images_leaves_them_out_and_logs_each(work):
     assert log.count(f"damaged image {victim}") == 2 and "skipped" in log
 
 
-def test_the_search_skips_damaged_images_too(work):
-    train(work, *MBV2, "--epochs", "1")
+def test_the_search_skips_damaged_images_too(trained):
+    work = trained
     victim = "img/" + json.loads(next((work / CKPT / "splits").iterdir()).read_text())["subval"][0]
     (work / victim).write_bytes(b"not a JPEG")
     search = [*TINY_DATA, *MBV2, "--resume", PRUNINGNET, "--population", "4", "--select-num", "2", "--mutation-num",

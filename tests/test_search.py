@@ -18,13 +18,12 @@ from data import get_data, make_loader
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, assert_one_line_error, dry_run, invoke
 from models import create_model, get_family
-from models.cost import cost_model
+from models.cost import cost_model, count_by_hooks
 from search import evolution, latency
 from search.evaluator import CandidateEvaluator
 from utils import checkpoint
 from utils.config import parse_args
 from utils.distributed import Dist
-from utils.engine import evaluate
 
 CKPT = "checkpoints/meta_prune"
 PRUNINGNET = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
@@ -148,8 +147,10 @@ def test_tiny_search_end_to_end(work):
     errors = [c[-1] for c in cands]
     assert errors == sorted(errors) and all(0 <= e <= 100 for e in errors)
     assert all(c[8] == -1 for c in cands)  # last_conv kept full width
-    for c, macs in zip(cands, state["macs"]):
-        assert TINY_COSTS(MBV2.parse(c)).macs == macs <= flops * 1e6
+    for c, macs in zip(cands, state["macs"]):  # counted on the real network, not by the cost model
+        net = create_model("mobilenetv2_prunednet", gene=MBV2.parse(c), num_classes=3, width_mult=0.125,
+                           small_input=True)
+        assert count_by_hooks(net, 24) == macs <= flops * 1e6
     log = (work / "logs" / f"MetaPruneSearch_mobilenetv2_pruningnet_flops{flops}_e2e.txt").read_text()
     assert "rank" in log and "best PrunedNet exported" in log
 
@@ -164,12 +165,15 @@ def test_export_loads_with_models_only_and_matches_the_score(work, monkeypatch):
     search_state = torch.load(export.with_name(export.name.replace("_best_prunednet", "_checkpoint")), weights_only=True)
     best = search_state["candidates"][0]
     assert MBV2.format(tuple(state["gene"])) == best[:-1]
-    assert state["best_top1"] == pytest.approx(100 - best[-1], abs=1e-3)
     assert state["channels"][-1]["layer"] == "classifier"
     monkeypatch.chdir(work)  # the sub-validation split file lives under the run's working directory
     data = get_data("imagenet", "img", 24, val_per_class=4)
-    top1 = evaluate(net, make_loader(data.subval, 8, False, 0), torch.device("cpu"))["top1"]
-    assert top1 == pytest.approx(state["best_top1"])  # the exported weights reproduce the search's score
+    net.eval()
+    with torch.no_grad():  # top-1 by hand: argmax of the exported network's logits
+        right = [(net(x).argmax(1) == y).sum().item() for x, y in make_loader(data.subval, 8, False, 0)]
+    top1 = 100 * sum(right) / len(data.subval)
+    # the exported weights reproduce the score the search ranked them by
+    assert top1 == pytest.approx(100 - best[-1], abs=1e-3) and top1 == pytest.approx(state["best_top1"], abs=1e-3)
 
 
 def test_search_is_deterministic_and_resume_equals_uninterrupted(work):
@@ -366,7 +370,7 @@ def test_latency_table_build_and_budget(lut_work):
     assert not list((work / CKPT).glob("MetaPruneSearch_*"))  # building the table alone runs no search
     spec = checkpoint.build_model(checkpoint.load(work / PRUNINGNET)).spec
     full_ms, narrow_ms = table(MBV2.full(), spec.bases), table(MBV2.narrowest(), spec.bases)
-    assert narrow_ms < full_ms
+    assert narrow_ms <= full_ms  # the estimate is monotone, whatever the timing noise
     budget = round((full_ms + narrow_ms) / 2, 4)
     search(work, "--latency", str(budget), "--epochs", "2")
     state = torch.load(work / FLOPS0.replace("_flops0_", f"_flops0_latency{budget:g}_"), weights_only=True)
@@ -374,15 +378,23 @@ def test_latency_table_build_and_budget(lut_work):
     assert all(table(MBV2.parse(c), spec.bases) <= budget for c in state["candidates"])
 
 
+def test_latency_calibration_maps_raw_sums_onto_measurements():
+    """Hand-made calibration points, one of them noisy (a wider gene measured faster)."""
+    points = [(1.0, 2.0), (2.0, 3.5), (3.0, 3.0), (4.0, 6.0)]  # (raw sum, measured ms)
+    table = latency.LatencyTable("mobilenetv2", 24, 0.125, True, 3, 1, "cpu", 0.0, [], {},
+                                 [{"id": i, "lut_ms": raw, "measured_ms": ms} for i, (raw, ms) in enumerate(points)])
+    cases = {1.0: 2.0, 2.0: 3.5, 2.5: 3.5, 3.0: 3.5, 3.5: 4.75, 4.0: 6.0,  # the noisy 3.0 flattened to 3.5
+             0.5: 1.0, 8.0: 12.0}  # beyond the ends: in proportion to the nearest point
+    assert {raw: table.calibrated(raw) for raw in cases} == pytest.approx(cases)
+
+
 def test_latency_estimate_is_calibrated_on_whole_network_timings(lut_work):
     table = latency.LatencyTable.load(lut_work / LUT)
     spec = checkpoint.build_model(checkpoint.load(lut_work / PRUNINGNET)).spec
-    # the calibration genes come out as measured; in between, the estimate is monotone in the raw sum
+    # the calibration genes' raw sums are the table's; the estimate is monotone in the raw sum
     for c in table.calibration:
         gene = tuple(30 if p in MBV2.fixed else c["id"] for p in range(len(MBV2)))
         assert table.raw(gene, spec.bases) == pytest.approx(c["lut_ms"])
-    lowest = min(table.calibration, key=lambda c: c["lut_ms"])
-    assert table(MBV2.narrowest(), spec.bases) == pytest.approx(lowest["measured_ms"])
     raws = sorted(c["lut_ms"] for c in table.calibration)
     estimates = [table.calibrated(x) for x in [raws[0] * f for f in (0.5, 0.9)] + raws + [raws[-1] * 1.5]]
     # monotone, up to the rounding of the two formulas (interpolation, extrapolation) that meet at the ends

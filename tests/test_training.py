@@ -17,14 +17,20 @@ from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl, run_script, train
 from models import get_family
 from search.evaluator import CandidateEvaluator
 from utils import checkpoint
+from utils.engine import Trainer
 
 CKPT = "checkpoints/meta_prune"
 
 
 @pytest.mark.parametrize("family", ["resnet50", "mobilenetv2"])
 def test_pruningnet_epoch_checkpoint_rebuilds_model(work, family, monkeypatch):
+    live = []  # the model the run trained, to compare the one rebuilt from its checkpoint with
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, *a: live.append(self.model) or step(self, *a))
     train(work, "--arch", f"{family}_pruningnet", "--epochs", "1", "--valuate")
     state = checkpoint.load(work / CKPT / f"imagenet_{family}_pruningnet_checkpoint.pth.tar", checkpoint.MODEL)
+    trained, rebuilt = live[-1].state_dict(), checkpoint.build_model(state).state_dict()
+    assert trained.keys() == rebuilt.keys() and all(torch.equal(trained[k], rebuilt[k]) for k in trained)
     assert state["epoch"] == 1 and state["gene"] is None and state["arch"] == f"{family}_pruningnet"
     assert {"model", "optimizer", "scheduler", "best_top1", "config", "metrics"} <= set(state)
     assert set(state["metrics"]) == {"top1", "top1_widest", "top1_middle", "top1_narrowest"}
@@ -39,9 +45,6 @@ def test_pruningnet_epoch_checkpoint_rebuilds_model(work, family, monkeypatch):
     assert state["config"]["width_mult"] == 0.125
     best = torch.load(work / CKPT / f"imagenet_{family}_pruningnet_best.pth.tar", weights_only=True)
     assert best["epoch"] == 1
-    net = checkpoint.build_model(state)
-    for k, v in net.state_dict().items():
-        assert torch.equal(v, state["model"][k]), k
     config = json.loads((work / CKPT / f"imagenet_{family}_pruningnet_config.json").read_text())
     assert config["arch"] == f"{family}_pruningnet" and config["batch_size"] == 8
     rows = read_jsonl(work / "logs" / f"imagenet_{family}_pruningnet.jsonl")
@@ -62,8 +65,8 @@ def test_pruningnet_draws_a_new_gene_every_step(work, monkeypatch):
     assert all(g[4] == 30 and len(g) == len(layout) for g in seen)
 
 
-def test_prunednet_from_gene_and_inherit(work):
-    train(work, "--arch", "mobilenetv2_pruningnet", "--epochs", "1")
+def test_prunednet_from_gene_and_inherit(trained):
+    work = trained
     gene = [7, 4, 5, 7, 6, 3, 9, 11, -1, 19, 4, 9, 11, 9, 9, 6, 10, 3, 6, 3, 7, 5, 17, 8, 8, 11]
     pruning_ckpt = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
     train(work, "--arch", "mobilenetv2_prunednet", "--gene", str(gene), "--epochs", "1", "--lr", "0",

@@ -128,32 +128,39 @@ def test_dashboard_screenshot_shows_the_plots(pruningnet, tmp_path):
     assert Image.open(shot).size == (1000, 800)
 
 
-def test_search_dashboard(pruningnet, client):
+def test_search_dashboard(tmp_path, client):
+    # a PruningNet of its own: the search adds its panes to that run's env, which other tests count
+    pruningnet, run = tmp_path, f"{PRUNINGNET}_searched"
+    make_image_folder(pruningnet / "img", num_classes=3, train_per_class=10, val_per_class=2, size=24)
+    r = invoke("meta_trainer_exp.py", "--arch", "mobilenetv2_pruningnet", "--epochs", "1", *TINY_TRAIN, "--suffix",
+               "_searched", "--visdom", "--vis-port", str(client.port), cwd=pruningnet)
+    assert r.returncode == 0, r.stderr
     full = cost_model("mobilenetv2", 24, 3, 0.125, True)(get_family("mobilenetv2").layout.full()).macs
     flops = round(full * 0.5 / 1e6, 3)
     r = invoke("meta_search_exp.py", "--arch", "mobilenetv2_pruningnet", "--resume",
-               f"{CKPT}/{PRUNINGNET}_checkpoint.pth.tar", *TINY_DATA, "--population", "4", "--select-num", "2",
+               f"{CKPT}/{run}_checkpoint.pth.tar", *TINY_DATA, "--population", "4", "--select-num", "2",
                "--mutation-num", "1", "--crossover-num", "1", "--recal-batches", "1", "--epochs", "2",
-               "--flops", str(flops), "--visdom", "--vis-port", str(client.port), cwd=pruningnet)
+               "--flops", str(flops), "--suffix", "_searched", "--visdom", "--vis-port", str(client.port),
+               cwd=pruningnet)
     assert r.returncode == 0, r.stderr
-    name = f"MetaPruneSearch_mobilenetv2_pruningnet_flops{flops}"
+    name = f"MetaPruneSearch_mobilenetv2_pruningnet_flops{flops}_searched"
     rows = [row for row in read_jsonl(pruningnet / "logs" / f"{name}.jsonl") if row["kind"] == "search"]
     cands = [(c, row["iteration"]) for row in rows for c in row["candidates"]]
     assert len(rows) == 2 and len(cands) == rows[-1]["scored"]
-    wins = windows(client, PRUNINGNET)  # the PruningNet's env: one dashboard per pipeline
-    (scatter,) = wins[f"{PRUNINGNET}:{name}:candidates"]["content"]["data"]
+    wins = windows(client, run)  # the PruningNet's env: one dashboard per pipeline
+    (scatter,) = wins[f"{run}:{name}:candidates"]["content"]["data"]
     assert scatter["x"] == [c["macs"] / 1e6 for c, _ in cands]
     assert scatter["y"] == [100 - c["error"] for c, _ in cands]
     assert scatter["marker"]["color"] == [it for _, it in cands]  # colored by iteration
     assert max(scatter["x"]) <= flops
-    (shape,) = wins[f"{PRUNINGNET}:{name}:candidates"]["content"]["layout"]["shapes"]
+    (shape,) = wins[f"{run}:{name}:candidates"]["content"]["layout"]["shapes"]
     assert shape["x0"] == shape["x1"] == rows[-1]["budget_macs"] / 1e6
-    (best,) = wins[f"{PRUNINGNET}:{name}:best"]["content"]["data"]
+    (best,) = wins[f"{run}:{name}:best"]["content"]["data"]
     assert best["x"] == [1, 2] and best["y"] == [100 - row["best_error"] for row in rows]
     assert best["y"][1] >= best["y"][0]
-    text = wins[f"{PRUNINGNET}:{name}:gene"]["content"]
+    text = wins[f"{run}:{name}:gene"]["content"]
     assert json.dumps(rows[-1]["best_gene"]) in text and "last_conv" in text and "iteration 2" in text
-    assert f"{PRUNINGNET}:loss" in wins  # the training panes are still there
+    assert f"{run}:loss" in wins  # the training panes are still there
     # The same log renders offline.
     (png,) = plot.render(pruningnet / "logs" / f"{name}.jsonl", pruningnet / "plots")
     assert png.name == f"{name}_search.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -302,7 +309,21 @@ def test_each_run_says_whether_it_resumed(tmp_path):
     assert (tmp_path / "nothing.jsonl").read_text() == ""
 
 
-def test_server_dying_mid_run_warns_once_and_never_blocks(tmp_path, capsys):
+@pytest.fixture
+def posting_threads(monkeypatch) -> list[str]:
+    """The name of the thread of every HTTP post: a sink that never blocks its caller posts from its own."""
+    names, post = [], requests.Session.post
+    monkeypatch.setattr(requests.Session, "post",
+                        lambda self, *a, **kw: names.append(threading.current_thread().name) or post(self, *a, **kw))
+    return names
+
+
+# Bounds on how long close() may take: its deadline plus one request's timeout, and slack for a busy
+# machine far below what a blocking sink would take (a request's timeout for each of hundreds of rows).
+SLACK = 5.0
+
+
+def test_server_dying_mid_run_warns_once_and_never_blocks(tmp_path, capsys, posting_threads):
     with local_server(tmp_path / "server") as (port, proc):
         sink = VisdomSink(Dashboard("dying", "run", "run"), "http://127.0.0.1", port,
                           tmp_path / "run.visdom", request_timeout=1.0, close_timeout=2.0)
@@ -313,16 +334,14 @@ def test_server_dying_mid_run_warns_once_and_never_blocks(tmp_path, capsys):
                  and len(traces(windows(reader, "dying")["dying:img_s"])["run"]["x"]) == 3)
         proc.terminate()  # the script execs the server: its process is the server
         proc.wait(10)
-        costs = []
+        posting_threads.clear()  # the reader above posts from this thread; from here on only the sink posts
         for s in range(4, 504):
-            start = time.perf_counter()
             sink.record(step_row(0, s))
-            costs.append(time.perf_counter() - start)
         start = time.perf_counter()
         sink.close()
-        assert time.perf_counter() - start < 2.0 + 1.0 + 1.0
+        assert time.perf_counter() - start < 2.0 + 1.0 + SLACK
     assert not sink._thread.is_alive() and sink.dropped == 0
-    assert sorted(costs)[len(costs) // 2] < 0.001 and sum(costs) < 0.5  # a queue put, never a request
+    assert set(posting_threads) == {"visdom-sink"}  # record() is a queue put, never a request
     (warning,) = sink.warnings
     assert warning.startswith("lost the server") and capsys.readouterr().err.count("visdom:") == 1
     # Every plot went to visdom's log all the same.
@@ -339,20 +358,19 @@ def test_local_server_stops_its_server(tmp_path):
         requests.get(f"http://127.0.0.1:{port}/", timeout=2)
 
 
-def test_hung_server_never_blocks(tmp_path):
+def test_hung_server_never_blocks(tmp_path, posting_threads):
     with socket.socket() as hung:  # accepts connections, never answers
         hung.bind(("127.0.0.1", 0))
         hung.listen(64)
         sink = VisdomSink(Dashboard("hung", "run", "run"), "http://127.0.0.1", hung.getsockname()[1],
                           tmp_path / "run.visdom", request_timeout=0.5, close_timeout=1.0)
-        start = time.perf_counter()
         for s in range(1, 201):
             sink.record(step_row(0, s))
-        recorded = time.perf_counter() - start
+        start = time.perf_counter()
         sink.close()
         closed = time.perf_counter() - start
-    assert recorded < 1.0 and closed < 0.5 + 1.0 + 0.5 + 1.0  # blocking calls would take 0.5 s each
-    assert not sink._thread.is_alive()
+    assert closed < 1.0 + 0.5 + SLACK  # blocking calls would take 0.5 s each, 100 s in all
+    assert not sink._thread.is_alive() and set(posting_threads) == {"visdom-sink"}
     (warning,) = sink.warnings
     assert "no answer in time" in warning
 
@@ -414,7 +432,7 @@ def test_close_deadline_holds_per_request(tmp_path):
         sink.close()
         closed = time.perf_counter() - start
         slow.shutdown()
-    assert closed < 1.0 + 1.0 + 0.5 and not sink._thread.is_alive()
+    assert closed < 1.0 + 1.0 + SLACK and not sink._thread.is_alive()  # 40 requests would take 12 s
     (warning,) = sink.warnings
     assert "took longer than 1 s for the last plots" in warning
     assert len(slow.posted) < 12  # the env, then a few requests until the deadline

@@ -1,0 +1,43 @@
+"""The suite's isolation: what one test changes process-wide is put back before the next."""
+import os
+import signal
+
+import torch
+
+from conftest import global_state_kept
+from helpers import TINY_TRAIN, invoke
+from models import get_family
+from utils import checkpoint
+
+
+def test_process_wide_state_is_put_back(tmp_path):
+    cwd, handler, cublas = os.getcwd(), signal.getsignal(signal.SIGTERM), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    with global_state_kept():
+        torch.use_deterministic_algorithms(True)  # what --deterministic does in an in-process run
+        torch.backends.cudnn.benchmark = True
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = "set by a test"
+        os.chdir(tmp_path)
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        torch.randn(100)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == cublas and os.getcwd() == cwd
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_every_test_starts_from_the_same_torch_seed():
+    with global_state_kept():
+        first = torch.randn(3)
+    with global_state_kept():
+        assert torch.equal(torch.randn(3), first)
+
+
+def test_entry_scripts_run_on_the_cpu_where_cuda_is_present(work, monkeypatch):
+    """On a GPU machine the scripts default to CUDA 0; the suite's runs ask for the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = [a for a in TINY_TRAIN if a != "--cpu"]
+    r = invoke("meta_trainer_exp.py", *args, "--arch", "mobilenetv2_prunednet", "--gene",
+               str(list(get_family("mobilenetv2").layout.full())), "--epochs", "1",
+               cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint.load(work / "checkpoints/meta_prune/imagenet_mobilenetv2_prunednet_best.pth.tar")
