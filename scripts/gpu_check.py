@@ -57,8 +57,11 @@ class Checks:
     def __init__(self, work: Path, device: str, timeout: float) -> None:
         self.work, self.device, self.timeout, self.rows = work, device, timeout, []
         self.dev = ["--gpu", "0"] if device == "cuda" else ["--cpu"]
-        self.data = ["--dataset", "imagenet", "--data-root", "img", "--input-size", "32", "--width-mult", "0.25",
-                     "--batch-size", "16", "--workers", "2", "--val-per-class", "4", "--vis-interval", "5"]
+        # on the CPU the runs check paths only, and the smallest network that has every layer type will do
+        size = ["--input-size", "32", "--width-mult", "0.25"] if device == "cuda" else ["--input-size", "24",
+                                                                                        "--width-mult", "0.125"]
+        self.data = ["--dataset", "imagenet", "--data-root", "img", *size, "--batch-size", "16", "--workers", "2",
+                     "--val-per-class", "4", "--vis-interval", "5"]
 
     def command(self, what: str, argv: list[str], expect_rc: int = 0, expect: str | None = None,
                 check: Callable[[], str] | None = None) -> bool:

@@ -20,15 +20,16 @@ torch.set_num_threads(1)
 
 
 @contextlib.contextmanager
-def global_state_kept() -> Iterator[None]:
+def global_state_kept(seed: int | None = 0) -> Iterator[None]:
     """Put back the process-wide state an in-process run of an entry script sets: deterministic
     algorithms, cuDNN flags, thread count, the working folder, environment variables, signal handlers;
-    and start from one torch seed, so that no test draws what an earlier test left in the generator."""
+    and start from torch seed ``seed`` (unless None), so that no test draws what an earlier one left."""
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     threads, cwd, env = torch.get_num_threads(), os.getcwd(), dict(os.environ)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    torch.manual_seed(0)
+    if seed is not None:
+        torch.manual_seed(seed)
     try:
         yield
     finally:
@@ -47,6 +48,23 @@ def _clean_global_state() -> Iterator[None]:
     """Every test starts from the same process-wide state, whichever tests ran before it."""
     with global_state_kept():
         yield
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--reverse", action="store_true", help="run the tests in reversed order (with -p no:randomly)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Name the seed of pytest-randomly's order even under -q, so that a failure found in one order can be
+    repeated."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"test order: random, seed {seed}; repeat it with --randomly-seed={seed}")
 
 
 @pytest.fixture
@@ -73,8 +91,7 @@ def pruningnet_once(tmp_path_factory) -> Path:
     from helpers import train
 
     folder = make_work(tmp_path_factory.mktemp("pruningnet"))
-    with global_state_kept():
-        train(folder, "--arch", "mobilenetv2_pruningnet", "--epochs", "1")
+    train(folder, "--arch", "mobilenetv2_pruningnet", "--epochs", "1")
     return folder
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, global_state_kept
 from utils import config
 
 # --cpu: the scripts default to CUDA 0 where there is one; these tests mean the CPU (gloo, CPU timings,
@@ -39,18 +39,18 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True, env: dict
 
 
 def invoke(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run an entry script's ``main`` in this process (fast), as ``python script args`` would from ``cwd``."""
+    """Run an entry script's ``main`` in this process (fast), as ``python script args`` would from ``cwd``.
+
+    What the run sets process-wide (``--deterministic``, cuDNN flags, signal handlers, the working
+    folder) is put back afterwards, also when a fixture of a wider scope calls it."""
     module = importlib.import_module(str(Path(script).with_suffix("")).replace("/", "."))
     out, err, code = io.StringIO(), io.StringIO(), 0
-    old = os.getcwd()
-    os.chdir(cwd)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with global_state_kept(seed=None), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            os.chdir(cwd)
             config.run_script(module.main, on_cpu(script, args))
     except SystemExit as e:
         code = e.code
-    finally:
-        os.chdir(old)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import random
 import subprocess
@@ -5,10 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, random_gene
+
 from models import create_model, get_family
 from models.cost import cost_model, count_by_hooks, ptflops_macs
+from models.cost import main as cost_main
 
 # DESIGN.md's reference table (224x224, 1000 classes).
 REFERENCE = [
@@ -70,13 +73,19 @@ def test_ptflops_aten_agrees_up_to_classifier_bias():
     assert ptflops_macs(net, 64) == ours + 10
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "models.cost", *args], cwd=ROOT, capture_output=True, text=True)
+def run_cli(*args: str, process: bool = False) -> subprocess.CompletedProcess:
+    """``python -m models.cost args``: as a process, or (fast) its ``main`` in this one."""
+    if process:
+        return subprocess.run([sys.executable, "-m", "models.cost", *args], cwd=ROOT, capture_output=True, text=True)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cost_main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_cli_json():
     arch, gene, macs, params = REFERENCE[3]
-    r = run_cli("--arch", "resnet50_prunednet", "--gene", str(gene + [42.506]), "--json")
+    r = run_cli("--arch", "resnet50_prunednet", "--gene", str(gene + [42.506]), "--json", process=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["macs"] == macs and out["params"] == params and out["gene"] == gene

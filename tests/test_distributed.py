@@ -1,5 +1,6 @@
 """Real torchrun runs (2 processes, gloo on CPU): same genes everywhere, same results as 1 process."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,51 +44,56 @@ def tiny(batch: int) -> list[str]:
     return args
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(work):
-    torchrun("meta_trainer_exp.py", *TRAIN, *tiny(4), "--suffix", "_ddp", cwd=work)
-    r = invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--suffix", "_single", cwd=work)
+@pytest.fixture(scope="module")
+def runs(work):
+    """The same 2-epoch PruningNet run on two processes (batch 4 each, a checkpoint every 2 steps) and on one
+    (batch 8)."""
+    torchrun("meta_trainer_exp.py", *TRAIN, *tiny(4), "--epochs", "2", "--save-every-steps", "2", "--suffix", "_ddp",
+             cwd=work)
+    r = invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--epochs", "2", "--suffix", "_single", cwd=work)
     assert r.returncode == 0, r.stderr
-    ddp = [r for r in read_jsonl(work / "logs/imagenet_mobilenetv2_pruningnet_ddp.jsonl") if r["kind"] == "step"]
-    one = [r for r in read_jsonl(work / "logs/imagenet_mobilenetv2_pruningnet_single.jsonl") if r["kind"] == "step"]
-    assert len(ddp) == len(one) == 6  # 48 training images / global batch 8; only rank 0 logs
+    return work
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+    ddp = [r for r in read_jsonl(runs / "logs/imagenet_mobilenetv2_pruningnet_ddp.jsonl") if r["kind"] == "step"]
+    one = [r for r in read_jsonl(runs / "logs/imagenet_mobilenetv2_pruningnet_single.jsonl") if r["kind"] == "step"]
+    assert len(ddp) == len(one) == 12  # 2 epochs of 48 training images / global batch 8; only rank 0 logs
     assert [r["gene"] for r in ddp] == [r["gene"] for r in one]  # the same gene every step, checked across ranks
     # BatchNorm sees 4 samples per process instead of 8, so losses agree closely but not exactly
     assert ddp[0]["loss"] == pytest.approx(one[0]["loss"], rel=0.05)
     assert sum(r["loss"] for r in ddp) == pytest.approx(sum(r["loss"] for r in one), rel=0.1)
 
 
-def test_checkpoint_of_two_processes_resumes_in_one(work):
-    torchrun("meta_trainer_exp.py", *TRAIN, *tiny(4), "--epochs", "2", "--save-every-steps", "2", "--suffix", "_w2",
-             cwd=work)
-    path = work / CKPT / "imagenet_mobilenetv2_pruningnet_w2_checkpoint.pth.tar"
+def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
+    shutil.copytree(runs, tmp_path, dirs_exist_ok=True)  # the module's runs stay as they are
+    path = tmp_path / CKPT / "imagenet_mobilenetv2_pruningnet_ddp_checkpoint.pth.tar"
     state = checkpoint.load(path)
     assert state["world_size"] == 2 and state["epoch"] == 2
     # each process's own RNG state: their dropout masks differ
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    r = invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--epochs", "3", "--suffix", "_w2", "--resume", str(path),
-               cwd=work)
+    r = invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--epochs", "3", "--suffix", "_ddp", "--resume", str(path),
+               cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "the checkpoint holds the RNG states of 2 process(es), this run has 1" in r.stdout
     resumed = checkpoint.load(path)
     assert resumed["epoch"] == 3 and resumed["world_size"] == 1
-    epochs = [r["epoch"] for r in read_jsonl(work / "logs/imagenet_mobilenetv2_pruningnet_w2.jsonl")
+    epochs = [r["epoch"] for r in read_jsonl(tmp_path / "logs/imagenet_mobilenetv2_pruningnet_ddp.jsonl")
               if r["kind"] == "epoch"]
     assert epochs == [1, 2, 3]
 
 
-def test_distributed_search_equals_single_process(work):
-    pruning = f"{CKPT}/imagenet_mobilenetv2_pruningnet_single_checkpoint.pth.tar"
-    if not (work / pruning).exists():
-        assert invoke("meta_trainer_exp.py", *TRAIN, *tiny(8), "--suffix", "_single", cwd=work).returncode == 0
-    search = ["--arch", "mobilenetv2_pruningnet", "--resume", pruning, *tiny(8), "--population", "6",
-              "--select-num", "2", "--mutation-num", "2", "--crossover-num", "2", "--recal-batches", "2",
-              "--epochs", "2"]
-    torchrun("meta_search_exp.py", *search, "--flops", "1.5", cwd=work)
-    r = invoke("meta_search_exp.py", *search, "--flops", "1.50", cwd=work)
+def test_distributed_search_equals_single_process(runs):
+    single = f"{CKPT}/imagenet_mobilenetv2_pruningnet_single_checkpoint.pth.tar"
+    search = ["--arch", "mobilenetv2_pruningnet", "--resume", single,
+              *tiny(8), "--population", "6", "--select-num", "2", "--mutation-num", "2", "--crossover-num", "2",
+              "--recal-batches", "2", "--epochs", "2"]
+    torchrun("meta_search_exp.py", *search, "--flops", "1.5", cwd=runs)
+    r = invoke("meta_search_exp.py", *search, "--flops", "1.50", cwd=runs)
     assert r.returncode == 0, r.stderr
-    two = torch.load(work / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops1.5_checkpoint.pth.tar",
+    two = torch.load(runs / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops1.5_checkpoint.pth.tar",
                      weights_only=True)
-    one = torch.load(work / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops1.50_checkpoint.pth.tar",
+    one = torch.load(runs / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops1.50_checkpoint.pth.tar",
                      weights_only=True)
     assert two["candidates"] == one["candidates"] and len(one["candidates"]) == 12
 

@@ -12,16 +12,26 @@ from utils import checkpoint
 
 def test_process_wide_state_is_put_back(tmp_path):
     cwd, handler, cublas = os.getcwd(), signal.getsignal(signal.SIGTERM), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     with global_state_kept():
-        torch.use_deterministic_algorithms(True)  # what --deterministic does in an in-process run
-        torch.backends.cudnn.benchmark = True
+        torch.use_deterministic_algorithms(not deterministic)  # what --deterministic does in an in-process run
+        torch.backends.cudnn.benchmark = not benchmark
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = "set by a test"
         os.chdir(tmp_path)
         signal.signal(signal.SIGTERM, lambda *a: None)
         torch.randn(100)
-    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled() == deterministic and torch.backends.cudnn.benchmark == benchmark
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == cublas and os.getcwd() == cwd
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_an_in_process_run_puts_back_what_it_set(work):
+    """Also where no per-test fixture would: in a fixture of module or session scope."""
+    assert not torch.are_deterministic_algorithms_enabled()  # the suite's state (conftest) before the run
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "mobilenetv2_prunednet", "--gene",
+               str(list(get_family("mobilenetv2").layout.full())), "--epochs", "1", "--deterministic", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_every_test_starts_from_the_same_torch_seed():

@@ -105,8 +105,8 @@ def test_search_files_are_named_by_the_budget_as_written_and_the_suffix(tmp_path
 # --- real searches on a tiny PruningNet ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny MobileNetV2 PruningNet trained for one epoch on generated images."""
+def pruningnet_dir(tmp_path_factory):
+    """A tiny MobileNetV2 PruningNet trained for one epoch on generated images (this module's data)."""
     work = tmp_path_factory.mktemp("search")
     make_image_folder(work / "img", num_classes=3, train_per_class=14, val_per_class=3, size=24)
     r = invoke("meta_trainer_exp.py", "--arch", "mobilenetv2_pruningnet", "--epochs", "1", *TINY_DATA, cwd=work)
@@ -115,8 +115,8 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture
-def work(trained, tmp_path):
-    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+def work(pruningnet_dir, tmp_path):
+    shutil.copytree(pruningnet_dir, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 
@@ -176,10 +176,16 @@ def test_export_loads_with_models_only_and_matches_the_score(work, monkeypatch):
     assert top1 == pytest.approx(100 - best[-1], abs=1e-3) and top1 == pytest.approx(state["best_top1"], abs=1e-3)
 
 
-def test_search_is_deterministic_and_resume_equals_uninterrupted(work):
-    search(work, "--epochs", "3", "--suffix", "_a", "--log", "logs/a.txt")
-    straight = torch.load(work / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops0_a_checkpoint.pth.tar",
-                          weights_only=True)
+@pytest.fixture(scope="module")
+def straight(pruningnet_dir, tmp_path_factory) -> dict:
+    """The checkpoint of an uninterrupted 3-iteration search, which stopped and resumed searches must equal."""
+    work = tmp_path_factory.mktemp("straight")
+    shutil.copytree(pruningnet_dir, work, dirs_exist_ok=True)
+    search(work, "--epochs", "3")
+    return torch.load(work / FLOPS0, weights_only=True)
+
+
+def test_search_is_deterministic_and_resume_equals_uninterrupted(work, straight):
     search(work, "--epochs", "1", "--log", "logs/b.txt")
     cut = work / FLOPS0
     assert torch.load(cut, weights_only=True)["iter"] == 1
@@ -247,10 +253,10 @@ def test_wrong_checkpoint_kinds_are_named(work):
 # --- resume checks ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def searched(trained, tmp_path_factory):
+def searched(pruningnet_dir, tmp_path_factory):
     """A finished 2-iteration search (flops0) beside its PruningNet; the tests below must not write to it."""
     work = tmp_path_factory.mktemp("searched")
-    shutil.copytree(trained, work, dirs_exist_ok=True)
+    shutil.copytree(pruningnet_dir, work, dirs_exist_ok=True)
     search(work, "--epochs", "2")
     return work
 
@@ -299,10 +305,8 @@ def test_resume_checks_the_pruningnet_and_the_iterations_done(work):
 # --- signals ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_the_search_and_the_resumed_search_ends_as_an_uninterrupted_one(work, monkeypatch, signum):
-    search(work, "--epochs", "3", "--suffix", "_straight")
-    straight = torch.load(work / CKPT / "MetaPruneSearch_mobilenetv2_pruningnet_flops0_straight_checkpoint.pth.tar",
-                          weights_only=True)
+def test_a_signal_stops_the_search_and_the_resumed_search_ends_as_an_uninterrupted_one(work, monkeypatch, signum,
+                                                                                      straight):
     scored, top1 = [], CandidateEvaluator.top1
 
     def signalled_top1(self, gene):
@@ -340,10 +344,10 @@ def test_a_signal_before_the_first_iteration_ends_says_there_is_nothing_to_resum
 # --- latency table ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def with_lut(trained, tmp_path_factory):
+def with_lut(pruningnet_dir, tmp_path_factory):
     """The tiny PruningNet's directory with a latency table measured by ``--build-lut``."""
     work = tmp_path_factory.mktemp("lut")
-    shutil.copytree(trained, work, dirs_exist_ok=True)
+    shutil.copytree(pruningnet_dir, work, dirs_exist_ok=True)
     r = invoke("meta_search_exp.py", *BASE, "--build-lut", "--lut-repeats", "3", cwd=work)
     assert r.returncode == 0, r.stderr
     assert "mean |error|" in r.stdout

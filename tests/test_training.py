@@ -222,3 +222,14 @@ def test_progress_bar_on_a_terminal_only(work):
     assert b"epoch 1/2" in shown and b"epoch 2/2" in shown and b"it/s" in shown
     piped = run_script("meta_trainer_exp.py", *args, "--suffix", "_piped", cwd=work)
     assert "epoch 1/2" not in piped.stderr and "it/s" not in piped.stderr
+
+
+def test_data_loader_workers_give_the_batches_of_the_main_process(work):
+    """Augmentation is seeded per sample, so worker processes draw exactly what the main process draws."""
+    gene = str([7, 4, 5, 7, 6, 3, 9, 11, -1, 19, 4, 9, 11, 9, 9, 6, 10, 3, 6, 3, 7, 5, 17, 8, 8, 11])
+    for workers in ("0", "2"):
+        train(work, "--arch", "mobilenetv2_prunednet", "--gene", gene, "--epochs", "1", "--workers", workers,
+              "--suffix", f"_w{workers}")
+    one, two = (checkpoint.load(work / CKPT / f"imagenet_mobilenetv2_prunednet_w{w}_checkpoint.pth.tar")["model"]
+                for w in "02")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
