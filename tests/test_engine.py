@@ -4,6 +4,7 @@ resume check and stale temporary files."""
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -216,8 +217,7 @@ def test_resume_check_accepts_its_own_run():
     ({"samples_in_epoch": 12}, {}, "does not divide 12"),
 ])
 def test_resume_check_names_what_differs(state, args, words):
-    with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(UserError, match=re.escape(words)):
         check_resume(resume_state(**state), RECORD, resume_args(**args), 1)
 
 
