@@ -6,6 +6,7 @@ mutation, CAUGHT or MISSED, and exits 1 when any is missed.
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,10 @@ def tracked_copy(dst: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    chosen = {int(a) for a in argv}
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("numbers", nargs="*", type=int, choices=range(len(MUTATIONS)), metavar="N",
+                   help=f"mutations to run, 0..{len(MUTATIONS) - 1} (default: all)")
+    chosen = set(p.parse_args(argv).numbers)
     missed = 0
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch)

@@ -69,6 +69,11 @@ def dry_run(script: str, *args: str, cwd: Path) -> dict:
     return json.loads(lines[0])
 
 
+def snapshot(root: Path) -> dict:
+    """Every file under ``root`` and its bytes: equal before and after means nothing was written."""
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

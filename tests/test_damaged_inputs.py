@@ -6,17 +6,13 @@ import zipfile
 import pytest
 import torch
 
-from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, dry_run, invoke
+from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, dry_run, invoke, snapshot
 from utils import checkpoint
 from utils.config import UserError
 
 CKPT = "checkpoints/meta_prune"
 PRUNINGNET = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
 MBV2 = ["--arch", "mobilenetv2_pruningnet"]
-
-
-def snapshot(root) -> dict:
-    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 # --- checkpoints ------------------------------------------------------------------------------------

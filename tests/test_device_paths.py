@@ -26,14 +26,14 @@ from utils.distributed import Dist
 from utils.engine import Trainer, process_seed
 
 CKPT = "checkpoints/meta_prune"
-PRUNING = ["--arch", "mobilenetv2_pruningnet", "--cpu"]
+PRUNING = ["--arch", "mobilenetv2_pruningnet"]
 
 
 # --- mixed precision -------------------------------------------------------------------------------
 
-def test_resume_under_fp16_of_a_checkpoint_without_fp16_restarts_the_loss_scale(work, monkeypatch):
+def test_resume_under_fp16_of_a_checkpoint_without_fp16_restarts_the_loss_scale(trained, monkeypatch):
+    work = trained  # one fp32 epoch
     ckpt = work / CKPT / "imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
-    train(work, *PRUNING, "--epochs", "1")
     r = train(work, *PRUNING, "--epochs", "2", "--amp", "fp16", "--resume", str(ckpt))
     assert "trained with --amp none, this run uses --amp fp16; the fp16 loss scale starts afresh at 65536" in r.stdout
     saved = checkpoint.load(ckpt)["scaler"]
@@ -258,7 +258,7 @@ def host_reads(monkeypatch):
 @pytest.mark.parametrize("amp", [None, "fp16"])
 def test_training_steps_never_wait_for_the_device_between_sync_points(work, host_reads, amp):
     # 3 steps, one sync point (the epoch's last step): every step is audited
-    r = train(work, "--arch", "resnet50_pruningnet", "--cpu", "--epochs", "1", "--vis-interval", "10",
+    r = train(work, "--arch", "resnet50_pruningnet", "--epochs", "1", "--vis-interval", "10",
               *(["--amp", amp] if amp else []))
     assert "loss" in r.stdout
     assert host_reads.calls == []
@@ -273,7 +273,7 @@ def test_the_audit_sees_a_host_read(work, host_reads, monkeypatch):
         return loss, hits
 
     monkeypatch.setattr(Trainer, "train_step", reads_the_loss)
-    train(work, "--arch", "resnet50_pruningnet", "--cpu", "--epochs", "1", "--vis-interval", "10")
+    train(work, "--arch", "resnet50_pruningnet", "--epochs", "1", "--vis-interval", "10")
     assert host_reads.calls == ["item"] * 3
 
 

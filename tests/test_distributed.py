@@ -83,7 +83,9 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
     assert epochs == [1, 2, 3]
 
 
-def test_distributed_search_equals_single_process(runs):
+def test_distributed_search_equals_single_process(runs, tmp_path):
+    shutil.copytree(runs, tmp_path, dirs_exist_ok=True)
+    runs = tmp_path  # the module's runs stay as they are
     single = f"{CKPT}/imagenet_mobilenetv2_pruningnet_single_checkpoint.pth.tar"
     search = ["--arch", "mobilenetv2_pruningnet", "--resume", single,
               *tiny(8), "--population", "6", "--select-num", "2", "--mutation-num", "2", "--crossover-num", "2",

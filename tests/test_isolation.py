@@ -2,6 +2,7 @@
 import os
 import signal
 
+import pytest
 import torch
 
 from conftest import global_state_kept
@@ -45,9 +46,10 @@ def test_entry_scripts_run_on_the_cpu_where_cuda_is_present(work, monkeypatch):
     """On a GPU machine the scripts default to CUDA 0; the suite's runs ask for the CPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"the run picked {d}, not the CPU"))
     args = [a for a in TINY_TRAIN if a != "--cpu"]
     r = invoke("meta_trainer_exp.py", *args, "--arch", "mobilenetv2_prunednet", "--gene",
                str(list(get_family("mobilenetv2").layout.full())), "--epochs", "1",
                cwd=work)
     assert r.returncode == 0, r.stderr
-    assert checkpoint.load(work / "checkpoints/meta_prune/imagenet_mobilenetv2_prunednet_best.pth.tar")
+    assert checkpoint.load(work / "checkpoints/meta_prune/imagenet_mobilenetv2_prunednet_best.pth.tar")["config"]["cpu"]

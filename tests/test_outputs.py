@@ -14,7 +14,7 @@ import torch
 
 import meta_search_exp
 from conftest import ROOT
-from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, invoke, train
+from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, invoke, snapshot, train
 from utils import checkpoint
 
 CKPT = "checkpoints/meta_prune"
@@ -22,10 +22,6 @@ PRUNINGNET = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
 SEARCH = ["--arch", "mobilenetv2_pruningnet", "--resume", PRUNINGNET, *TINY_DATA, "--population", "6",
           "--select-num", "2", "--mutation-num", "2", "--crossover-num", "2", "--recal-batches", "2", "--epochs", "1"]
 FLOPS0 = f"{CKPT}/MetaPruneSearch_mobilenetv2_pruningnet_flops0_checkpoint.pth.tar"
-
-
-def snapshot(root) -> dict:
-    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def searched(work, *args: str):
