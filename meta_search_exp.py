@@ -81,7 +81,8 @@ def _validate(args: argparse.Namespace) -> None:
         if getattr(args, name) and not millionths(getattr(args, name), round_up=False):
             raise UserError(f"--{name} {getattr(args, name)} is below 1 {unit} (0.000001 M); give 0 for no "
                             f"limit or a budget of at least 0.000001")
-    if min(args.recal_batches, args.recal_batch_size or 1, args.lut_batch, args.lut_repeats) < 1:
+    recal_size = 1 if args.recal_batch_size is None else args.recal_batch_size
+    if min(args.recal_batches, recal_size, args.lut_batch, args.lut_repeats) < 1:
         raise UserError(f"--recal-batches, --recal-batch-size, --lut-batch and --lut-repeats must be positive "
                         f"integers, got {args.recal_batches}, {args.recal_batch_size}, {args.lut_batch} and "
                         f"{args.lut_repeats}")

@@ -167,8 +167,9 @@ def build_pruningnet(args: argparse.Namespace, data, device: torch.device, dist_
     """The PruningNet, its checkpoint record, and ``--valuate``'s probe-gene scoring on the sub-val split."""
     layout = get_family(args.arch).layout
     model = create_model(args.arch, **model_args).to(device)
+    # pinned host memory: the GPU's memory belongs to the training run, which reads this set only to validate
     recal = fixed_batches(data.train_eval, args.recal_batches, args.recal_batch_size or args.batch_size, args.seed,
-                          device, args.workers)
+                          device, args.workers, keep_on_device=False)
     subval = make_loader(data.subval, args.batch_size, False, args.workers, rank=dist_info.rank,
                          world_size=dist_info.world_size, pin_memory=device.type == "cuda")
     evaluator = CandidateEvaluator(model, recal, subval, device, reduce=dist_info.enabled)

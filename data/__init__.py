@@ -48,8 +48,6 @@ def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class
     through ``Images.damaged``) instead of stopping with one line naming the first. ``lighting`` adds
     PCA lighting noise of that standard deviation to the training images (ImageNet only).
     """
-    if lighting and dataset != "imagenet":
-        raise UserError(f"--lighting is noise on colour photos (--dataset imagenet), not on {dataset}")
     if dataset == "imagenet":
         root = Path(data_root)
         Images = partial(folder.Images, damage_log=folder.DamageLog() if skip_damaged else None)  # one log for all
@@ -140,9 +138,10 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, workers: int, seed: i
 
 
 def fixed_batches(ds: Dataset, n_batches: int, batch_size: int, seed: int = 0,
-                  device: torch.device = torch.device("cpu"), workers: int = 0) -> DecodedBatches:
+                  device: torch.device = torch.device("cpu"), workers: int = 0,
+                  keep_on_device: bool = True) -> DecodedBatches:
     """``n_batches`` input batches drawn once (seeded) from ``ds``, decoded once for ``device``:
-    the BN recalibration set."""
+    the BN recalibration set (in host memory with ``keep_on_device=False``, see ``decode``)."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds), generator=g)[: n_batches * batch_size].tolist()
-    return decode(ds, batch_size, device, workers, indices=order, labels=False)
+    return decode(ds, batch_size, device, workers, indices=order, labels=False, keep_on_device=keep_on_device)

@@ -78,12 +78,14 @@ def decode(ds: Dataset, batch_size: int, device: torch.device, workers: int = 0,
     for x, y in loader:
         if images is None:
             images = _storage((len(source), *x.shape[1:]), x.dtype, device, keep_on_device)
-            targets = torch.empty(len(source), dtype=torch.int64, device=images.device,
-                                  pin_memory=images.is_pinned())
+            if labels:
+                targets = torch.empty(len(source), dtype=torch.int64, device=images.device,
+                                      pin_memory=images.is_pinned())
         images[start:start + len(x)].copy_(x, non_blocking=True)
-        targets[start:start + len(y)].copy_(y, non_blocking=True)
+        if labels:
+            targets[start:start + len(y)].copy_(y, non_blocking=True)
         start += len(x)
     if images is None:
         raise ValueError("cannot decode an empty image set")
-    images, targets = images[:start], targets[:start]  # fewer when damaged images were skipped
-    return DecodedBatches(images, targets if labels else None, batch_size, device, normalize)
+    # fewer when damaged images were skipped
+    return DecodedBatches(images[:start], targets[:start] if labels else None, batch_size, device, normalize)

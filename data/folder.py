@@ -146,11 +146,11 @@ class Lighting:
     EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
     def __init__(self, std: float) -> None:
-        self.std = std
+        self.std, self.eigvec, self.eigval = std, torch.tensor(self.EIGVEC), torch.tensor(self.EIGVAL)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         alpha = torch.randn(3) * self.std
-        shift = torch.tensor(self.EIGVEC) @ (alpha * torch.tensor(self.EIGVAL))  # one offset per channel
+        shift = self.eigvec @ (alpha * self.eigval)  # one offset per channel
         return img + shift.view(3, 1, 1)
 
 

@@ -125,3 +125,13 @@ def test_recalibration_batches_have_their_own_size(work, monkeypatch):
     cfg = dry_run("meta_search_exp.py", "--arch", "resnet50_pruningnet", *TINY_DATA, "--recal-batch-size", "1000",
                   cwd=work)
     assert cfg["recal_batch_size"] == 1000 and cfg["batch_size"] == 8
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("trainer_exp.py", ["--arch", "resnet50_prunednet", "--dataset", "fashionmnist", "--lighting", "0.1"],
+     "--lighting is noise on colour photos"),
+    ("meta_search_exp.py", ["--arch", "mobilenetv2_pruningnet", "--recal-batch-size", "0"],
+     "must be positive integers, got 20, 0,"),
+])
+def test_recipe_flags_are_checked_before_any_work_also_in_a_dry_run(tmp_path, script, args, words):
+    assert_one_line_error(invoke(script, *args, "--dry-run", cwd=tmp_path), words)

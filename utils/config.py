@@ -239,6 +239,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
         if value is not None and not (low <= value < high):
             span = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
             raise UserError(f"--{name.replace('_', '-')} must be a finite number {span}, got {value}")
+    if getattr(args, "lighting", 0) and args.dataset != "imagenet":
+        raise UserError(f"--lighting is noise on colour photos (--dataset imagenet), not on {args.dataset}")
     if getattr(args, "warmup_epochs", 0) > args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
     milestones = getattr(args, "lr_milestones", None)

@@ -115,13 +115,6 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of ``values`` over all processes (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    return sum_over_processes(torch.tensor(values, dtype=torch.float64, device=device))
-
-
 def sum_over_processes(t: torch.Tensor) -> list[float]:
     """Element-wise sum of the device tensor ``t`` over all processes, read on the host: one
     exchange and one device sync (``t`` is summed in place)."""

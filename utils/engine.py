@@ -26,7 +26,7 @@ from models import Gene, GeneLayout
 
 from . import checkpoint
 from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_files, run_name
-from .distributed import Dist, all_gather, all_reduce_sum, barrier, cleanup, sum_over_processes
+from .distributed import Dist, all_gather, barrier, cleanup, sum_over_processes
 from .logger import RunLogger, progress
 from .meters import correct_topk
 
@@ -215,9 +215,8 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, args: ar
         top1, top5 = correct_topk(out, y, (1, 5))
         sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), top1.double(), top5.double()])
         n += len(y)
-    loss, hits1, hits5 = sums.tolist()
-    if reduce:
-        loss, hits1, hits5, n = all_reduce_sum([loss, hits1, hits5, float(n)], device)
+    counts = torch.cat([sums, sums.new_tensor([n])])  # one read of the device, after the exchange if reducing
+    loss, hits1, hits5, n = sum_over_processes(counts) if reduce else counts.tolist()
     n = max(n, 1)
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "loss": loss / n}
 
