@@ -75,7 +75,7 @@ class Pipeline:
     """The stages of one (arch, seed) run in ``run_dir``; each returns what its script returns."""
 
     def __init__(self, arch: str, seed: int, recipe: Recipe, run_dir: Path, data_root: str | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, cpu: bool = False) -> None:
         self.arch, self.seed, self.r, self.run_dir = arch, seed, recipe, run_dir
         self.layout = get_family(arch).layout
         self.costs = cost_model(arch, 32, 10, recipe.width, False)
@@ -84,6 +84,7 @@ class Pipeline:
                      "--val-per-class", str(recipe.val_per_class)]
         self.data += ["--data-root", str(Path(data_root).resolve())] if data_root else []
         self.data += ["--overwrite"] if overwrite else []
+        self.data += ["--cpu"] if cpu else []
         self.train = ["--warmup-epochs", "1", "--steps-per-epoch", str(recipe.steps_per_epoch),
                       "--vis-interval", "10", "--valuate"]
         self.times: dict[str, float] = {}
@@ -164,6 +165,7 @@ def get_args_parser() -> Parser:
     p.flag("--quick", action="store_true", help="a smoke run of the same stages in about two minutes")
     p.flag("--out", default=None, help="run folder (default runs/fashionmnist_{arch}_seed{seed}[_quick])")
     p.flag("--overwrite", action="store_true", help="run again in a run folder that holds an earlier run")
+    p.flag("--cpu", action="store_true", help="run every stage on the CPU even where a GPU is visible")
     return p
 
 
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not args.overwrite:
         raise UserError(f"{run_dir} holds an earlier run; pass --overwrite to run again there, or --out DIR for "
                         f"another folder")
-    p = Pipeline(args.arch, args.seed, QUICK if args.quick else FULL, run_dir, args.data_root, args.overwrite)
+    p = Pipeline(args.arch, args.seed, QUICK if args.quick else FULL, run_dir, args.data_root, args.overwrite,
+                 args.cpu)
     uniform_gene(p.layout, p.costs, int(p.budget_mmac(args.budget) * 1e6))  # a budget no gene meets stops here
     p.train_pruningnet()
     result = compare(p, args.budget)

@@ -236,7 +236,7 @@ def main() -> None:
     comparisons, pipes = [], {}
     for seed in args.seeds:
         p = pipes[seed] = ReusingPipeline(args.arch, seed, recipe, base / f"seed{seed}", done=done,
-                                          pruningnets=args.pruningnets)
+                                          pruningnets=args.pruningnets, cpu=True)
         try:
             p.train_pruningnet()
         except ValueError as e:

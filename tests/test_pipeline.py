@@ -16,7 +16,7 @@ from utils import checkpoint
 def test_quick_pipeline_searches_retrains_and_reports(arch, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = make_fashion_mnist(tmp_path / "fm", train_per_class=40, test_per_class=5)
-    summary = pipeline.main(["--quick", "--arch", arch, "--data-root", str(root), "--out", "run"])
+    summary = pipeline.main(["--quick", "--arch", arch, "--data-root", str(root), "--out", "run", "--cpu"])
 
     run = tmp_path / "run"
     summary = json.loads((run / "results.json").read_text())  # what a user reads; checked against other sources
@@ -44,6 +44,7 @@ def test_quick_pipeline_searches_retrains_and_reports(arch, tmp_path, monkeypatc
         # and by hand: the retrained network's argmax over the Fashion-MNIST test images
         state = checkpoint.load(run / f"checkpoints/meta_prune/fashionmnist_{arch}_prunednet_{row['network']}25"
                                       f"_checkpoint.pth.tar")
+        assert state["config"]["cpu"]  # --cpu reached the stage: on a GPU machine too, this test means the CPU
         net = checkpoint.build_model(state).eval()
         test_set = get_data("fashionmnist", str(root), state["config"]["input_size"], hold_out=False).val
         with torch.no_grad():

@@ -72,10 +72,10 @@ def test_reusing_pipeline_returns_an_earlier_result_without_training(tmp_path):
 
 def test_a_variant_reuses_trained_pruningnets_and_searches_near_the_budget(tmp_path):
     root = str(make_fashion_mnist(tmp_path / "fm", train_per_class=40, test_per_class=5))
-    earlier = Pipeline("resnet50", 0, QUICK, tmp_path / "earlier" / "seed0", root)
+    earlier = Pipeline("resnet50", 0, QUICK, tmp_path / "earlier" / "seed0", root, cpu=True)
     earlier.train_pruningnet()
     p = ReusingPipeline("resnet50", 0, replace(QUICK, min_fraction=0.9), tmp_path / "variant" / "seed0", root,
-                        done={}, pruningnets=tmp_path / "earlier")
+                        done={}, pruningnets=tmp_path / "earlier", cpu=True)
     p.train_pruningnet()
     assert p.times["PruningNet"] == 0  # copied, not trained
     copied = (p.run_dir / p.pruningnet).read_bytes()
