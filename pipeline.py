@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     if not 0 < args.budget <= 1:
         raise UserError(f"--budget is a fraction of the full network's MACs in (0, 1], got {args.budget}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     run_dir = Path(args.out or f"runs/fashionmnist_{args.arch}_seed{args.seed}{'_quick' if args.quick else ''}")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: is a file; give a folder for the run")

@@ -229,15 +229,20 @@ class SearchState:
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchState:
-        """Inverse of :meth:`to_dict`."""
-        rng = d["rng_state"]
-        return cls(
-            iteration=int(d["iteration"]),
-            population=[tuple(g) for g in d["population"]],
-            scores={tuple(g): float(e) for g, e in zip(d["scored_genes"], d["scored_errors"])},
-            top=[tuple(g) for g in d["top"]],
-            rng_state=(rng["version"], tuple(rng["internal"]), rng["gauss_next"]),
-        )
+        """Inverse of :meth:`to_dict`; a ``ValueError`` naming the problem when ``d`` is not one."""
+        try:
+            rng = d["rng_state"]
+            state = cls(
+                iteration=int(d["iteration"]),
+                population=[tuple(g) for g in d["population"]],
+                scores={tuple(g): float(e) for g, e in zip(d["scored_genes"], d["scored_errors"], strict=True)},
+                top=[tuple(g) for g in d["top"]],
+                rng_state=(rng["version"], tuple(rng["internal"]), rng["gauss_next"]),
+            )
+            random.Random().setstate(state.rng_state)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"not a search state ({type(e).__name__}: {str(e)[:80]})") from None
+        return state
 
     def best(self, k: int | None = None) -> list[tuple[Gene, float]]:
         """The ``k`` (default all) lowest-error scored genes, ties broken by gene."""

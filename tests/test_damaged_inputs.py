@@ -190,6 +190,9 @@ def test_pipeline_checks_the_budget_and_the_run_folder_first(tmp_path, monkeypat
     with pytest.raises(UserError, match="--budget is below the narrowest uniform network"):
         pipeline.main(["--budget", "0.001", "--quick"])
     assert list(tmp_path.iterdir()) == []  # checked before the PruningNet trains: nothing written
+    with pytest.raises(UserError, match=r"--seed must be an integer in \[0, 2\*\*63\), got -1"):
+        pipeline.main(["--seed", "-1", "--quick"])
+    assert list(tmp_path.iterdir()) == []  # not even the run folder
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(UserError, match="--out taken: is a file"):
         pipeline.main(["--out", "taken", "--quick"])

@@ -62,6 +62,10 @@ def test_inherit_from_another_folder_takes_the_searchs_own_pruningnet(pruned, tm
         pruningnet = checkpoint.build_model(checkpoint.load(folder / PRUNINGNET))
         want = pruningnet.materialize(gene).state_dict()
         assert all(torch.equal(v, want[k]) for k, v in got.items()) is same, folder
+    # named explicitly, the other folder's PruningNet (as far trained, another run) is refused
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "mobilenetv2_prunednet", "--epochs", "1",
+               "--search-resume", search_file, "--inherit", str(other / PRUNINGNET), "--suffix", "_explicit", cwd=other)
+    assert_one_line_error(r, "the search scored its candidates with", "this file holds another training run's weights")
 
 
 def test_inherit_refuses_a_pruningnet_the_search_did_not_use(pruned):

@@ -262,6 +262,40 @@ def searched(pruningnet_dir, tmp_path_factory):
     return work
 
 
+def test_a_search_refuses_to_write_while_a_live_run_holds_its_name(searched, tmp_path):
+    shutil.copytree(searched, tmp_path, dirs_exist_ok=True)
+    name = Path(FLOPS0).name.removesuffix("_checkpoint.pth.tar")
+    before = snapshot(tmp_path)
+    with checkpoint.run_lock(tmp_path / CKPT, name):  # an open file description of its own, as another process has
+        r = invoke("meta_search_exp.py", *BASE, "--epochs", "2", "--overwrite", cwd=tmp_path)
+    assert_one_line_error(r, f"another run of {name} is writing its files (pid {os.getpid()}")
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.name.startswith(".")} == \
+        {k: v for k, v in before.items() if not k.name.startswith(".")}
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s.update(state={}), "not a search state (KeyError: 'rng_state')"),
+    (lambda s: s["state"].update(scored_errors=[]), "not a search state (ValueError"),
+    (lambda s: s["state"]["rng_state"].update(internal=[1, 2]), "not a search state"),
+    (lambda s: s["candidates"].insert(0, ["a", 1]), "candidate 0 is ['a', 1]"),
+    (lambda s: s["settings"].update(pruningnet_trained=["a", "b"]), "pruningnet_trained is ['a', 'b']"),
+    (lambda s: s["settings"].update(pruningnet_run=3), "pruningnet_run is 3"),
+])
+def test_a_search_checkpoint_damaged_inside_is_one_line_for_the_search_and_the_retraining(searched, tmp_path, edit,
+                                                                                          words):
+    shutil.copytree(searched, tmp_path, dirs_exist_ok=True)
+    state = torch.load(tmp_path / FLOPS0, weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / FLOPS0)
+    before = snapshot(tmp_path)
+    r = invoke("meta_search_exp.py", *BASE, "--epochs", "3", "--search-resume", FLOPS0, cwd=tmp_path)
+    assert_one_line_error(r, f"--search-resume {FLOPS0}: damaged checkpoint ({words}")
+    r = invoke("meta_trainer_exp.py", *TINY_DATA, "--arch", "mobilenetv2_prunednet", "--search-resume", FLOPS0,
+               "--epochs", "1", cwd=tmp_path)
+    assert_one_line_error(r, f"--search-resume {FLOPS0}: damaged checkpoint ({words}")
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("flag, saved, given", [
     ("--seed", "0", "1"),
     ("--recal-batches", "2", "3"),
@@ -416,6 +450,14 @@ def test_latency_estimate_is_calibrated_on_whole_network_timings(lut_work):
     (lambda text: json.dumps({**json.loads(text), "input_size": 32}), ["input_size 32 (this search: 24)"]),
     (lambda text: json.dumps({**json.loads(text), "width_mult": 0.25}), ["width_mult 0.25 (this search: 0.125)"]),
     (lambda text: json.dumps({**json.loads(text), "batch_size": 4}), ["batch_size 4 (this search: 1)"]),
+    (lambda text: json.dumps({**json.loads(text), "fixed_ms": "x"}), ['field fixed_ms is "x"']),
+    (lambda text: json.dumps({**json.loads(text), "input_size": "24"}), ['field input_size is "24"']),
+    (lambda text: json.dumps({**json.loads(text), "layers": [{k: v for k, v in layer.items() if k != "in_slot"}
+                                                               for layer in json.loads(text)["layers"]]}),
+     ["has no integer gene slots"]),
+    (lambda text: json.dumps({**json.loads(text), "layers": [{**layer, "out_slot": 99}
+                                                               for layer in json.loads(text)["layers"]]}),
+     ["inconsistent latency table"]),
 ])
 def test_a_bad_or_foreign_latency_table_is_a_one_line_error(lut_work, edit, words):
     bad = lut_work / "bad.json"

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from models import create_model, get_family, is_pruningnet, list_models
+from search.evolution import SearchState
 
 from .config import UserError
 
@@ -249,6 +250,26 @@ def _missing(state: dict[str, Any]) -> str | None:
             return f"model_args {name!r} is {repr(args.get(name))[:40]}"
     if kind == MODEL and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
         return "its weights are not all tensors"
+    return _search_problem(state) if kind == SEARCH else None
+
+
+def _search_problem(state: dict[str, Any]) -> str | None:
+    """What in a search checkpoint's candidates, PruningNet record or evolution state does not read."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    for i, c in enumerate(state["candidates"]):
+        if not (isinstance(c, list) and c and all(map(number, c))):
+            return f"candidate {i} is {repr(c)[:40]}"
+    settings = state["settings"]
+    trained, run = settings.get("pruningnet_trained"), settings.get("pruningnet_run")
+    if trained is not None and not (isinstance(trained, list) and len(trained) == 2 and
+                                    all(type(v) is int for v in trained)):
+        return f"pruningnet_trained is {repr(trained)[:40]}"
+    if run is not None and not isinstance(run, str):
+        return f"pruningnet_run is {repr(run)[:40]}"
+    try:
+        SearchState.from_dict(state["state"])
+    except ValueError as e:
+        return str(e)
     return None
 
 
