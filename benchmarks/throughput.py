@@ -6,7 +6,7 @@ images (the data pipeline is not what is measured); every number is the median o
 
 - cost model: genes costed per second, one core (target ≥ 20,000 for ResNet50);
 - PruningNet training: images/s of the training scripts' own step (gene draw, weight generation,
-  forward, backward, fused SGD);
+  forward, backward, crop-aware SGD);
 - candidate scoring: candidates per minute (materialize, BN recalibration on a fixed set, top-1 on a
   fixed evaluation set) and the share of that time spent outside the PrunedNet forward passes.
 """
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import create_model, get_family, recalibrate_bn  # noqa: E402
 from models.cost import cost_model  # noqa: E402
-from utils.engine import Trainer, build_scheduler, evaluate, gene_for_step  # noqa: E402
+from utils.engine import Trainer, evaluate, gene_for_step  # noqa: E402
 from utils.logger import RunLogger  # noqa: E402
 
 
@@ -58,30 +58,26 @@ def cost_rate(arch: str, n: int = 20000) -> float:
 
 
 def training_step(arch: str, device: torch.device, size: int, width: float, amp: str | None = None,
-                  channels_last: bool = False) -> tuple[Trainer, torch.nn.Module]:
-    """The training scripts' own step (``Trainer.train_step``: fused SGD, GradScaler, autocast,
-    channels-last) around a full-size PruningNet, without data or logging."""
+                  channels_last: bool = False, dense_generator_update: bool = False) -> tuple[Trainer, torch.nn.Module]:
+    """The training scripts' own step (``Trainer.train_step``: crop-aware or dense SGD, GradScaler,
+    autocast, channels-last) around a full-size PruningNet, without data or logging."""
     torch.manual_seed(0)
     net = create_model(f"{arch}_pruningnet", num_classes=1000, width_mult=width, small_input=False).to(device)
     config = {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "label_smoothing": 0.1,
               "lr_scheduler": "linear", "warmup_epochs": 0, "epochs": 1, "steps_per_epoch": 0, "amp": amp,
               "channels_last": channels_last, "sync_bn": False, "dataset": "imagenet", "arch": f"{arch}_pruningnet",
               "lr_milestones": None, "lr_gamma": 0.1, "depthwise_decay": True, "dropout": None,
-              "suffix": "", "seed": 0, "input_size": size}
+              "suffix": "", "seed": 0, "input_size": size, "dense_generator_update": dense_generator_update}
     trainer = Trainer(argparse.Namespace(**config), net, {}, range(10 ** 6), device, RunLogger(None, enabled=False),
                       validate=dict, layout=net.spec.layout)
     return trainer, net
 
 
 def train_rate(arch: str, device: torch.device, size: int, batch: int, width: float, steps: int,
-               amp: str | None = None, channels_last: bool = False, fused: bool = True) -> float:
-    """Images/s of PruningNet training steps, each with a fresh gene; ``fused=False`` swaps in
-    PyTorch's default (multi-tensor) SGD for comparison."""
+               amp: str | None = None, channels_last: bool = False) -> float:
+    """Images/s of PruningNet training steps, each with a fresh gene (dense against crop-aware:
+    ``benchmarks/crop_training.py``)."""
     trainer, net = training_step(arch, device, size, width, amp, channels_last)
-    if not fused:
-        trainer.optimizer = torch.optim.SGD([{k: g[k] for k in ("params", "weight_decay")}
-                                             for g in trainer.optimizer.param_groups], lr=0.1, momentum=0.9)
-        trainer.scheduler = build_scheduler(trainer.optimizer, trainer.args, trainer.steps)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     times = []
@@ -160,10 +156,6 @@ def main() -> None:
             rows.append({"what": "PruningNet training", "arch": arch,
                          "setting": f"full width, {size}px, batch {batch}" + (f", {amp}" if amp else "")
                          + (", channels_last" if cl else ""), "value": round(rate, 1), "unit": "img/s"})
-        if cpu:  # what the fused optimizer is worth, on the same machine
-            rate = train_rate(arch, device, 64, 16, 1.0, steps, fused=False)
-            rows.append({"what": "PruningNet training, multi-tensor SGD (before)", "arch": arch,
-                         "setting": "full width, 64px, batch 16", "value": round(rate, 1), "unit": "img/s"})
         # Two evaluation sets: the time outside the forwards (mostly weight generation) is fixed
         # per candidate, so its share falls as the set grows.
         size, batch, recal = (64, 16, 4) if cpu else (224, 100, 20)

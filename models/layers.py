@@ -7,7 +7,7 @@ model can never disagree about the structure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -134,11 +134,74 @@ class PrunedNet(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+@dataclass(frozen=True)
+class CropGrad:
+    """The gradient of a generator's matrices for one generated weight, in factored form: the
+    ``[:cout, :cin]`` crop of ``weight2`` gets ``dw[..., None] * hidden``, that of ``bias2`` gets ``dw``,
+    and nothing outside the crop gets anything. ``dw`` is the gradient of the generated weight,
+    ``(cout, cin, kh*kw)``: ``h`` times smaller than the crop of ``weight2``."""
+
+    cout: int
+    cin: int
+    dw: torch.Tensor
+    hidden: torch.Tensor
+
+
+def _crop_product(weight2: torch.Tensor, bias2: torch.Tensor, hidden: torch.Tensor, cout: int,
+                  cin: int) -> torch.Tensor:
+    """``bias2[:cout, :cin] + weight2[:cout, :cin] @ hidden`` as ``(cout, cin*k2, 1)``.
+
+    The crop is a strided view; a batched matmul over output channels reads it in place, where a
+    plain matmul would first copy it (3-4x slower, the memory traffic dominates)."""
+    k2, h = weight2.shape[2:]
+    return torch.baddbmm(bias2[:cout, :cin].reshape(cout, cin * k2, 1), weight2[:cout, :cin].view(cout, cin * k2, h),
+                         hidden.view(1, h, 1).expand(cout, h, 1))
+
+
+class _CropGeneration(torch.autograd.Function):
+    """The generated weight, whose backward hands the generator matrices' gradient to the module's
+    ``crop_grads`` as a ``CropGrad`` instead of giving them a full-size, mostly-zero ``.grad``."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, module: "GeneratedConv", cout: int, cin: int) -> torch.Tensor:
+        ctx.module, ctx.crop = module, (cout, cin)
+        ctx.save_for_backward(hidden)
+        return _crop_product(module.weight2.detach(), module.bias2.detach(), hidden, cout, cin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (hidden,), m, (cout, cin) = ctx.saved_tensors, ctx.module, ctx.crop
+        k2, h = m.weight2.shape[2:]
+        dw = grad.contiguous().view(cout, cin, k2)
+        m.crop_grads.append(CropGrad(cout, cin, dw, hidden.detach()))
+        # d hidden = sum over the crop of weight2 * dw, as autograd computes it for the dense path: the
+        # crop read in place by one batched product, then summed over the output channels
+        crop = m.weight2.detach()[:cout, :cin].view(cout, cin * k2, h)
+        dhidden = torch.bmm(crop.transpose(1, 2), dw.view(cout, cin * k2, 1)).sum(0).view(h)
+        return dhidden, None, None, None
+
+
+class CropOwner(Protocol):
+    """What updates a ``GeneratedConv``'s matrices by crop (``utils.crop_sgd.CropSGD``)."""
+
+    def catch_up(self, conv: "GeneratedConv", cout: int, cin: int) -> None:
+        """Bring the ``[:cout, :cin]`` corner of ``conv``'s matrices up to date."""
+
+    def flush(self) -> None:
+        """Bring every matrix it updates up to date."""
+
+
 class GeneratedConv(nn.Module):
     """A conv whose weight is generated from layer ratios, with one BatchNorm per scale id.
 
     Generator: ``Linear(k → h) → ReLU → Linear(h → numel(W_max))``. The second linear is stored
     as ``(out, in, kh*kw, h)`` so that cropping to the active channels is a slice, not a gather.
+
+    ``crop_owner`` is None while the matrices of the second linear take their gradient from autograd
+    as usual (a full-size ``.grad``, zero outside the gene's crop). An optimizer that updates them by
+    crop sets itself as the owner and ``crop_grads`` to a list, which every backward then appends a
+    ``CropGrad`` to. Whatever reads the matrices sees them up to date: a generated corner is caught
+    up first, ``state_dict`` flushes the owner.
     """
 
     def __init__(self, conv: ConvSpec, bases: tuple[int, ...], scale_ids: dict[int, tuple[int, ...]]) -> None:
@@ -162,16 +225,28 @@ class GeneratedConv(nn.Module):
         self.register_buffer("gen_index", torch.tensor(conv.gen_slots), persistent=False)
         self.bns = nn.ModuleDict({str(i): nn.BatchNorm2d(channels(cout, i), affine=False)
                                   for i in scale_ids[conv.out_slot]})
+        self.crop_owner: CropOwner | None = None
+        self.crop_grads: list[CropGrad] | None = None
+        self.register_state_dict_pre_hook(GeneratedConv._up_to_date)
+
+    def _up_to_date(self, prefix: str, keep_vars: bool) -> None:
+        if self.crop_owner is not None:
+            self.crop_owner.flush()
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickle) is not attached to the optimizer that updates this one by crop."""
+        return {**self.__dict__, "crop_grads": None, "crop_owner": None}
 
     def generate(self, ratios: torch.Tensor, cin: int, cout: int) -> torch.Tensor:
         """The cropped conv weight ``(cout, cin, k, k)`` for the gene's ratio vector."""
         hidden = F.relu(self.fc1(ratios.index_select(0, self.gen_index)))
         cin = 1 if self.spec.depthwise else cin
-        k2, h = self.weight2.shape[2:]
-        # The crop is a strided view; a batched matmul over output channels reads it in place,
-        # where a plain matmul would first copy it (3-4x slower, the memory traffic dominates).
-        w = torch.baddbmm(self.bias2[:cout, :cin].reshape(cout, cin * k2, 1),
-                          self.weight2[:cout, :cin].view(cout, cin * k2, h), hidden.view(1, h, 1).expand(cout, h, 1))
+        if self.crop_owner is not None:
+            self.crop_owner.catch_up(self, cout, cin)
+        if self.crop_grads is None or not torch.is_grad_enabled():
+            w = _crop_product(self.weight2, self.bias2, hidden, cout, cin)
+        else:
+            w = _CropGeneration.apply(hidden, self, cout, cin)
         return w.view(cout, cin, self.spec.kernel, self.spec.kernel)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, scale_id: int) -> torch.Tensor:

@@ -140,7 +140,8 @@ def test_warmup_rises_linearly_then_decay_spans_the_remaining_epochs(kind):
 def test_weight_decay_on_conv_and_linear_weights_only():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=4, bias=True),
                         nn.Flatten(), nn.Linear(4, 2))
-    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, depthwise_decay=True)
+    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, depthwise_decay=True,
+                                 dense_generator_update=False)
     decay, no_decay = build_optimizer(net, args).param_groups
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
     assert {id(p) for p in decay["params"]} == {id(net[0].weight), id(net[2].weight), id(net[4].weight)}
@@ -150,7 +151,8 @@ def test_weight_decay_on_conv_and_linear_weights_only():
 
 def test_a_pruningnet_decays_its_generator_matrices_not_their_biases_or_bn():
     net = create_model("mobilenetv2_pruningnet", num_classes=3, width_mult=0.25, small_input=True)
-    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, depthwise_decay=True)
+    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, depthwise_decay=True,
+                                 dense_generator_update=False)
     decay = {id(p) for p in build_optimizer(net, args).param_groups[0]["params"]}
     for name, p in net.named_parameters():
         leaf = name.rsplit(".", 1)[-1]

@@ -77,7 +77,8 @@ def test_lighting_adds_the_imagenet_principal_components_scaled_by_a_normal_draw
 @pytest.mark.parametrize("arch", ["mobilenetv2_prunednet", "mobilenetv2_pruningnet"])
 def test_no_depthwise_decay_spares_exactly_the_depthwise_weights(arch):
     model = create_model(arch, **TINY)
-    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=4e-5, depthwise_decay=False)
+    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=4e-5, depthwise_decay=False,
+                                 dense_generator_update=False)
     decayed = {id(p) for p in build_optimizer(model, args).param_groups[0]["params"]}
     if arch.endswith("prunednet"):
         for m in model.modules():

@@ -323,3 +323,6 @@ def add_training_args(p: Parser) -> None:
     p.flag("--channels-last", action="store_true", help="NHWC memory format (faster convs on recent GPUs)")
     p.flag("--sync-bn", action="store_true", help="synchronize BatchNorm statistics across GPUs under torchrun")
     p.flag("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume; slower on GPU)")
+    p.flag("--dense-generator-update", action="store_true",
+           help="PruningNet: give the generators full-size gradients and update every element each step (the "
+                "old path; by default only the gene's crop is computed, reduced and stepped, the same SGD exactly)")

@@ -23,9 +23,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models import Gene, GeneLayout
+from models.layers import GeneratedConv
 
 from . import checkpoint
 from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_files, run_name
+from .crop_sgd import CropGradScaler, CropSGD
 from .distributed import Dist, all_gather, barrier, cleanup, sum_over_processes
 from .logger import RunLogger, progress
 from .meters import correct_topk
@@ -42,13 +44,20 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     ``--no-depthwise-decay`` none on depthwise convs (or their generators).
 
     The fused kernel updates every parameter in a few launches and takes GradScaler's inf check as
-    a device tensor, so an fp16 step does not wait for the device to learn whether to skip.
+    a device tensor, so an fp16 step does not wait for the device to learn whether to skip. A
+    PruningNet's generators are updated by crop (``CropSGD``, the same steps at the crop's cost)
+    unless ``--dense-generator-update``.
     """
     spared = set() if args.depthwise_decay else {id(p) for p in depthwise_parameters(model)}
     decay = [p for p in model.parameters() if p.ndim > 1 and id(p) not in spared]
     no_decay = [p for p in model.parameters() if p.ndim <= 1 or id(p) in spared]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, fused=True)
+    sgd = {"lr": args.lr, "momentum": args.momentum, "nesterov": args.nesterov, "fused": True}
+    generators = [m for m in model.modules() if isinstance(m, GeneratedConv)]
+    if generators and not args.dense_generator_update:
+        optimizer = CropSGD(groups, generators, **sgd)
+    else:
+        optimizer = torch.optim.SGD(groups, **sgd)
     if args.momentum:
         # PyTorch's fused SGD allocates its momentum buffers uninitialized at its first step and lets
         # the kernel fill them; when GradScaler skips that step (fp16's first steps usually overflow)
@@ -61,8 +70,6 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
 
 def depthwise_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The weights of depthwise convs: a PrunedNet's, or the generators of a PruningNet's."""
-    from models.layers import GeneratedConv
-
     out = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
@@ -239,12 +246,13 @@ class Trainer:
         if args.dropout is not None:  # a training setting: the weights, and so the checkpoint, are the same
             model.dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
         self.model = model
-        self.ddp = wrap_ddp(model, device, pruningnet=layout is not None) if dist_info.enabled else model
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.optimizer = build_optimizer(model, args)
+        by_crop = isinstance(self.optimizer, CropSGD)
+        self.ddp = wrap_ddp(model, device, layout is not None, by_crop) if dist_info.enabled else model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.steps = min(len(loader), args.steps_per_epoch or len(loader))
         self.scheduler = build_scheduler(self.optimizer, args, self.steps)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        self.scaler = CropGradScaler(device.type, enabled=args.amp == "fp16")
         self.ckpt_path, self.best_path = run_files(args)
         self.epoch, self.step_in_epoch, self.best, self.metrics = 0, 0, -1.0, {}
         self.run_id = uuid.uuid4().hex  # names this run's weights (checkpoint.identity); kept on resume
@@ -420,6 +428,8 @@ class Trainer:
             loss = self.criterion(out.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.dist.enabled and isinstance(self.optimizer, CropSGD):
+            self.optimizer.all_reduce_crop_gradients()  # before the inf check, so that every process agrees
         self.scaler.step(self.optimizer)  # fused SGD: an inf/NaN gradient under fp16 skips the step on the device
         self.scaler.update()
         self.scheduler.step()
@@ -482,11 +492,22 @@ class Trainer:
                            img_s=round(seen * self.dist.world_size / (time.perf_counter() - start), 1), **extra)
 
 
-def wrap_ddp(model: nn.Module, device: torch.device, pruningnet: bool) -> DistributedDataParallel:
+def wrap_ddp(model: nn.Module, device: torch.device, pruningnet: bool, by_crop: bool = False
+             ) -> DistributedDataParallel:
     """DistributedDataParallel for training. Gradients live in DDP's buckets, so there is no second
     full-size gradient (3.1 GB for the ResNet50 PruningNet). A PruningNet's thousands of per-scale
     BN buffers are not broadcast every forward: its training BN uses batch statistics, and every
-    scoring recalibrates them."""
+    scoring recalibrates them. With ``by_crop`` (``CropSGD``) the generators' matrices stay out of
+    DDP: their gradients are averaged by crop, and they are broadcast from rank 0 here, as DDP does
+    with the parameters it holds."""
+    if by_crop:
+        names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, GeneratedConv)
+                 for p in ("weight2", "bias2")]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+        for m in model.modules():
+            if isinstance(m, GeneratedConv):
+                for p in (m.weight2, m.bias2):
+                    torch.distributed.broadcast(p.data, 0)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=not pruningnet, gradient_as_bucket_view=True)
 

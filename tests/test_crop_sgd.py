@@ -1,0 +1,120 @@
+"""Crop-aware PruningNet training (utils/crop_sgd.py): the same SGD as the dense path, exactly."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from crop_lockstep import build, expand_crop_gradients, lockstep
+from models import create_model, get_family
+from utils.crop_sgd import CropGradScaler, CropSGD, step_map
+from utils.engine import gene_for_step
+
+FAMILIES = ["resnet50", "mobilenetv2"]
+TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_crop_backward_gives_autograds_gradients(family):
+    torch.manual_seed(0)
+    dense = create_model(f"{family}_pruningnet", num_classes=5, width_mult=0.125, small_input=True).eval()
+    crop = copy.deepcopy(dense)
+    for m in crop.convs:
+        m.crop_grads = []
+    gene = gene_for_step(get_family(family).layout, 0, 3)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    for net in (dense, crop):  # eval mode: no dropout draw, the two forwards are the same computation
+        F.cross_entropy(net(x, gene), y).backward()
+    for d, c in zip(dense.convs, crop.convs):
+        assert c.weight2.grad is None and c.bias2.grad is None  # no full-size gradient exists
+        assert len(c.crop_grads) == 1
+    reference = copy.deepcopy(dense)
+    expand_crop_gradients(reference, crop)
+    for (name, p), q in zip(dense.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_crop_training_equals_dense_sgd(family, nesterov):
+    # 40 steps: two flushes of the 16-step window and a part-window left in the lazy state at the end
+    worst = lockstep(family, nesterov, steps=40)
+    assert max(worst.values()) <= TOLERANCE, worst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_crop_training_equals_dense_sgd_across_a_resume(family):
+    worst = lockstep(family, nesterov=True, steps=30, resume_at=21)  # mid-window: state_dict brings it up to date
+    assert max(worst.values()) <= TOLERANCE, worst
+
+
+def test_several_genes_per_step_accumulate_their_crops_exactly():
+    # corners of different shapes in one step: the step catches up their union's bounding box
+    worst = lockstep("mobilenetv2", nesterov=False, steps=20, genes_per_step=3)
+    assert max(worst.values()) <= TOLERANCE, worst
+
+
+def test_the_zero_gradient_map_is_pytorchs_step():
+    for group in ({"lr": 0.3, "weight_decay": 0.1, "momentum": 0.9, "dampening": 0.0, "nesterov": False},
+                  {"lr": 0.3, "weight_decay": 0.1, "momentum": 0.9, "dampening": 0.0, "nesterov": True},
+                  {"lr": 0.3, "weight_decay": 0.1, "momentum": 0.8, "dampening": 0.25, "nesterov": False},
+                  {"lr": 0.3, "weight_decay": 0.1, "momentum": 0.0, "dampening": 0.0, "nesterov": False}):
+        w, m = torch.tensor([2.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+        opt = torch.optim.SGD([w], **{k: v for k, v in group.items()})
+        w.grad = torch.zeros_like(w)
+        if group["momentum"]:
+            opt.state[w]["momentum_buffer"] = m.clone()
+        a, b, c, d = step_map(group)
+        before = (2.0, 0.5)
+        opt.step()
+        assert float(w) == pytest.approx(a * before[0] + b * before[1], rel=1e-12), group
+        if group["momentum"]:
+            assert float(opt.state[w]["momentum_buffer"]) == pytest.approx(c * before[0] + d * before[1], rel=1e-12)
+
+
+def test_an_overflow_in_a_crop_gradient_alone_skips_the_step_and_lowers_the_scale():
+    torch.manual_seed(0)
+    model, opt, _ = build("mobilenetv2", nesterov=False, dense=False)
+    scaler = CropGradScaler("cpu", init_scale=1024.0)
+    gene = gene_for_step(model.spec.layout, 0, 0)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):  # a normal step first: the window holds a pending product
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x, gene), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items() if ".bns." not in k}  # up to date
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x, gene), y)).backward()
+    model.convs[3].crop_grads[0].dw[0, 0, 0] = float("inf")  # every .grad stays finite
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    after = {k: v for k, v in model.state_dict().items() if ".bns." not in k}  # BN statistics move in any forward
+    assert all(torch.equal(v, before[k]) for k, v in after.items()), "a skipped step moved weights"
+
+
+def test_the_default_optimizer_of_a_pruningnet_is_crop_sgd_and_the_flag_keeps_the_dense_path():
+    _, crop_opt, _ = build("resnet50", nesterov=False, dense=False)
+    _, dense_opt, _ = build("resnet50", nesterov=False, dense=True)
+    assert isinstance(crop_opt, CropSGD) and type(dense_opt) is torch.optim.SGD
+    # the state dicts are the same format: each loads into the other
+    crop_opt.load_state_dict(dense_opt.state_dict())
+    dense_opt.load_state_dict(crop_opt.state_dict())
+
+
+def test_two_processes_reduce_by_crop_as_the_dense_all_reduce_does(tmp_path):
+    out = tmp_path / "lockstep.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests/crop_lockstep.py"), str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for family, worst in json.loads(out.read_text()).items():
+        assert worst.pop("ranks_apart") == 0.0, family  # both processes hold the very same weights
+        assert max(worst.values()) <= TOLERANCE, (family, worst)
