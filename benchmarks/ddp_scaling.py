@@ -1,12 +1,13 @@
 """Data-parallel scaling on the CPU: training images/s with 1 process vs torchrun with 2.
 
 Run: ``.venv/bin/python benchmarks/ddp_scaling.py [--arch resnet50] [--width 0.25]``. Trains the
-PruningNet and a PrunedNet (every free id 15) on a generated 32 px ImageFolder (10 classes) in a
-scratch folder, once as one process using every core, once as ``torchrun --nproc-per-node=2``
-(gloo) with the cores split between the processes, same global batch. Throughput is the epoch's
-images/s from the run's JSONL log. With as many processes as cores the two runs have the same
-compute, so the ratio measures what data parallelism costs: above all the all-reduce of every
-gradient each step, which for a PruningNet means all its generator weights. Writes
+PruningNet (crop-aware, and with ``--dense-generator-update``) and a PrunedNet (every free id 15) on a
+generated 32 px ImageFolder (10 classes) in a scratch folder, once as one process using every core,
+once as ``torchrun --nproc-per-node=2`` (gloo) with the cores split between the processes, same
+global batch. Throughput is the epoch's images/s from the run's JSONL log. With as many processes as
+cores the two runs have the same compute, so the ratio measures what data parallelism costs: above
+all the all-reduce of the gradients each step, which for the dense PruningNet means all its generator
+weights, for the crop-aware one the generated weights' gradients only. Writes
 ``benchmarks/results/ddp_scaling_cpu.json``.
 """
 from __future__ import annotations
@@ -49,21 +50,23 @@ def main() -> None:
                   "--width-mult", args.width, "--epochs", "1", "--workers", "0", "--val-per-class", "2"]
         gene = str([-1 if i in layout.fixed else 15 for i in range(len(layout))])
         rows = []
-        for net, extra in (("pruningnet", []), ("prunednet", ["--gene", gene])):
+        for name, net, extra in (("pruningnet, dense generator update", "pruningnet", ["--dense-generator-update"]),
+                                 ("pruningnet, crop-aware", "pruningnet", []),
+                                 ("prunednet", "prunednet", ["--gene", gene])):
             rates = {}
             for procs in (1, 2):
                 launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                                 "--standalone", f"--nproc-per-node={procs}"]
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // procs))}
                 subprocess.run([*launcher, str(ROOT / "meta_trainer_exp.py"), "--arch", f"{args.arch}_{net}", *common,
-                                *extra, "--batch-size", str(args.batch // procs), "--suffix", f"_p{procs}"],
-                               cwd=work, env=env, check=True, capture_output=True)
+                                *extra, "--batch-size", str(args.batch // procs), "--suffix", f"_p{procs}",
+                                "--overwrite"], cwd=work, env=env, check=True, capture_output=True)
                 rates[procs] = epoch_rate(work / "logs" / f"imagenet_{args.arch}_{net}_p{procs}.jsonl")
             params = sum(p.numel() for p in create_model(f"{args.arch}_{net}", num_classes=10,
                                                          width_mult=float(args.width),
-                                                         **({"gene": layout.parse(gene)} if extra else {}))
+                                                         **({"gene": layout.parse(gene)} if net == "prunednet" else {}))
                          .parameters())
-            rows.append({"network": net, "gradient_mparams": round(params / 1e6, 2),
+            rows.append({"network": name, "mparams": round(params / 1e6, 2),
                          "img_s": {"1 process": rates[1], "2 processes": rates[2]},
                          "speedup": round(rates[2] / rates[1], 3)})
     out = {"arch": args.arch, "width_mult": float(args.width), "input_size": 32, "global_batch": args.batch,

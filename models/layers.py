@@ -149,13 +149,15 @@ class CropGrad:
 
 def _crop_product(weight2: torch.Tensor, bias2: torch.Tensor, hidden: torch.Tensor, cout: int,
                   cin: int) -> torch.Tensor:
-    """``bias2[:cout, :cin] + weight2[:cout, :cin] @ hidden`` as ``(cout, cin*k2, 1)``.
+    """``bias2[:cout, :cin] + weight2[:cout, :cin] @ hidden`` as ``(cout, 1, cin*k2)``.
 
     The crop is a strided view; a batched matmul over output channels reads it in place, where a
-    plain matmul would first copy it (3-4x slower, the memory traffic dominates)."""
+    plain matmul would first copy it (3-4x slower, the memory traffic dominates). Written as
+    ``hidden^T crop^T`` (a row times a matrix per output channel): 2-3x faster on the CPU than the
+    matrix-vector form, whose dot products are only ``h`` long."""
     k2, h = weight2.shape[2:]
-    return torch.baddbmm(bias2[:cout, :cin].reshape(cout, cin * k2, 1), weight2[:cout, :cin].view(cout, cin * k2, h),
-                         hidden.view(1, h, 1).expand(cout, h, 1))
+    return torch.baddbmm(bias2[:cout, :cin].reshape(cout, 1, cin * k2), hidden.view(1, 1, h).expand(cout, 1, h),
+                         weight2[:cout, :cin].view(cout, cin * k2, h).transpose(1, 2))
 
 
 class _CropGeneration(torch.autograd.Function):
@@ -174,10 +176,10 @@ class _CropGeneration(torch.autograd.Function):
         k2, h = m.weight2.shape[2:]
         dw = grad.contiguous().view(cout, cin, k2)
         m.crop_grads.append(CropGrad(cout, cin, dw, hidden.detach()))
-        # d hidden = sum over the crop of weight2 * dw, as autograd computes it for the dense path: the
-        # crop read in place by one batched product, then summed over the output channels
+        # d hidden = sum over the crop of weight2 * dw: the crop read in place by one batched product
+        # (a row times a matrix per output channel, 4x faster on the CPU than autograd's transposed form)
         crop = m.weight2.detach()[:cout, :cin].view(cout, cin * k2, h)
-        dhidden = torch.bmm(crop.transpose(1, 2), dw.view(cout, cin * k2, 1)).sum(0).view(h)
+        dhidden = torch.bmm(dw.view(cout, 1, cin * k2), crop).sum(0).view(h)
         return dhidden, None, None, None
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from models import create_model, get_family  # noqa: E402
-from utils.crop_sgd import CropSGD  # noqa: E402
+from utils.crop_sgd import CropGradScaler, CropSGD  # noqa: E402
 from utils.engine import build_optimizer, gene_for_step, wrap_ddp  # noqa: E402
 
 
@@ -57,11 +57,11 @@ def expand_crop_gradients(dense: torch.nn.Module, crop: torch.nn.Module) -> None
 
 
 def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = None, genes_per_step: int = 1,
-             seed: int = 0) -> dict[str, float]:
+             seed: int = 0, scaled: bool = False) -> dict[str, float]:
     """Train ``steps`` steps both ways (optionally moving the crop run through a state dict at step
-    ``resume_at``); the largest relative differences of the generated weights, parameters and momentum.
-    Under torchrun each process trains its own batches; the crop run reduces by crop, the dense one
-    all-reduces every full-size gradient."""
+    ``resume_at``, or with a GradScaler's scaled losses); the largest relative differences of the
+    generated weights, parameters and momentum. Under torchrun each process trains its own batches;
+    the crop run reduces by crop, the dense one all-reduces every full-size gradient."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(seed)
@@ -69,6 +69,8 @@ def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = No
     dense, dense_opt, dense_schedule = build(family, nesterov, dense=True, model=copy.deepcopy(crop))
     assert isinstance(crop_opt, CropSGD) and not isinstance(dense_opt, CropSGD)
     ddp = wrap_ddp(crop, torch.device("cpu"), pruningnet=True, by_crop=True) if world > 1 else crop
+    scalers = [CropGradScaler("cpu", init_scale=256.0, enabled=scaled), torch.amp.GradScaler("cpu", init_scale=256.0,
+                                                                                          enabled=scaled)]
     layout = get_family(family).layout
     data = torch.Generator().manual_seed(1000 * seed + rank)
     worst = {"generated": 0.0, "params": 0.0, "momentum": 0.0}
@@ -88,7 +90,9 @@ def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = No
             y = torch.randint(0, 5, (4,), generator=data)
             with torch.no_grad():
                 want = dense.generate(gene)
-            F.cross_entropy(ddp(x, gene), y).backward()
+            loss = F.cross_entropy(ddp(x, gene), y)
+            scalers[1].scale(loss.detach())  # the dense run's scaler sets up its scale at its first scale()
+            scalers[0].scale(loss).backward()
             with torch.no_grad():  # what the forward generated: nothing has moved the weights since
                 got = crop.generate(gene)
             worst["generated"] = max(worst["generated"], *(relative(a, b) for a, b in zip(want, got)))
@@ -99,8 +103,9 @@ def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = No
                     dist.all_reduce(g)
                     g.div_(world)
             crop_opt.all_reduce_crop_gradients()
-        dense_opt.step()
-        crop_opt.step()
+        for scaler, opt in zip(scalers, (crop_opt, dense_opt)):
+            scaler.step(opt)
+            scaler.update()
         dense_schedule.step()
         crop_schedule.step()
     crop_opt.state_dict()  # what a checkpoint reads: it brings the crop run up to date

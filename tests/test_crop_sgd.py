@@ -53,6 +53,13 @@ def test_crop_training_equals_dense_sgd_across_a_resume(family):
     assert max(worst.values()) <= TOLERANCE, worst
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_crop_training_under_a_grad_scaler_equals_dense_sgd(nesterov):
+    # the scaled path: PyTorch's fused kernel unscales the corner's gradient on the device
+    worst = lockstep("resnet50", nesterov, steps=20, scaled=True)
+    assert max(worst.values()) <= TOLERANCE, worst
+
+
 def test_several_genes_per_step_accumulate_their_crops_exactly():
     # corners of different shapes in one step: the step catches up their union's bounding box
     worst = lockstep("mobilenetv2", nesterov=False, steps=20, genes_per_step=3)

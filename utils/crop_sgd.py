@@ -211,8 +211,8 @@ def _catch_up_box(param: torch.Tensor, buf: torch.Tensor | None, products: torch
     momentum ``buf`` (None without momentum): each channel pair's maps since it was last up to date."""
     r0, r1, c0, c1 = box
     shape = (r1 - r0, c1 - c0) + (1,) * (param.dim() - 2)
-    table, index = products.to(param.dtype), last[r0:r1, c0:c1]
-    a, b, c, d = (table[:, i, j][index].view(shape) for i in (0, 1) for j in (0, 1))
+    coef = products.to(param.dtype).view(-1, 4)[last[r0:r1, c0:c1]]  # (rows, cols, 4): one gather
+    a, b, c, d = (coef[..., k].reshape(shape) for k in range(4))
     chunk = _rows_per_chunk(param, c1)
     for o0 in range(r0, r1, chunk):
         o1, k0, k1 = min(r1, o0 + chunk), o0 - r0, min(r1, o0 + chunk) - r0
@@ -227,30 +227,54 @@ def _catch_up_box(param: torch.Tensor, buf: torch.Tensor | None, products: torch
 
 def _gradient_step(param: torch.Tensor, buf: torch.Tensor | None, grads: list[CropGrad], factored: bool, cout: int,
                    cin: int, group: dict, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
-    """PyTorch's fused SGD step on the ``[:cout, :cin]`` corner of ``param`` (up to date) with the crop
-    gradients, whose sum is built chunk by chunk from the factors."""
+    """One SGD step of ``group`` on the ``[:cout, :cin]`` corner of ``param`` (up to date) with the crop
+    gradients. Without GradScaler the gradient stays factored (each ``dw x hidden`` enters the update
+    by ``addcmul``); with it, PyTorch's fused kernel, which unscales and skips on the device, takes the
+    gradient built from the factors."""
     chunk = _rows_per_chunk(param, cin)
-    whole = len(grads) == 1 and (grads[0].cout, grads[0].cin) == (cout, cin)
     for o0 in range(0, cout, chunk):
         o1 = min(cout, o0 + chunk)
-        if whole:
-            dw = grads[0].dw[o0:o1]
-            grad = dw.unsqueeze(-1) * grads[0].hidden if factored else dw
+        w, m = param[o0:o1, :cin], (buf[o0:o1, :cin] if buf is not None else None)
+        parts = [(g, g.dw[o0:min(o1, g.cout)]) for g in grads if o0 < g.cout]
+        if grad_scale is None and found_inf is None:
+            _factored_step(w, m, parts, factored, group)
         else:
-            grad = param.new_zeros((o1 - o0, cin) + param.shape[2:])
-            for g in grads:
-                n = min(o1, g.cout) - o0
-                if n > 0:
-                    piece = g.dw[o0:o0 + n]
-                    grad[:n, :g.cin] += piece.unsqueeze(-1) * g.hidden if factored else piece
-        # the kernel reads each tensor as contiguous memory: a corner of whole rows is, else its rows are
-        rows = not param[o0:o1, :cin].is_contiguous()
-        pieces = (lambda t: list(t.unbind(0))) if rows else (lambda t: [t])
-        torch._fused_sgd_(pieces(param[o0:o1, :cin]), pieces(grad), pieces(buf[o0:o1, :cin]) if buf is not None else [],
-                          weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                          dampening=group["dampening"], nesterov=group["nesterov"], maximize=False,
-                          is_first_step=False, grad_scale=grad_scale, found_inf=found_inf)
+            grad = param.new_zeros(w.shape)
+            for g, dw in parts:
+                grad[:len(dw), :g.cin] += dw.unsqueeze(-1) * g.hidden if factored else dw
+            # the kernel reads each tensor as contiguous memory: a corner of whole rows is, else its rows are
+            pieces = (lambda t: [t]) if w.is_contiguous() else (lambda t: list(t.unbind(0)))
+            torch._fused_sgd_(pieces(w), pieces(grad), pieces(m) if m is not None else [],
+                              weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                              dampening=group["dampening"], nesterov=group["nesterov"], maximize=False,
+                              is_first_step=False, grad_scale=grad_scale, found_inf=found_inf)
 
+
+def _factored_step(w: torch.Tensor, m: torch.Tensor | None, parts: list[tuple[CropGrad, torch.Tensor]],
+                   factored: bool, group: dict) -> None:
+    """PyTorch's SGD step (see ``step_map``) in place on the rows ``w`` and momentum ``m``, with the
+    gradient ``sum dw x hidden`` (or ``sum dw``) added where each part covers."""
+    lr, wd, mu, keep = group["lr"], group["weight_decay"], group["momentum"], 1 - group["dampening"]
+
+    def add_gradient(target: torch.Tensor, scale: float) -> None:
+        for g, dw in parts:
+            block = target[:len(dw), :g.cin]
+            if factored:
+                block.addcmul_(dw.unsqueeze(-1), g.hidden, value=scale)
+            else:
+                block.add_(dw, alpha=scale)
+
+    if m is None:  # w -= lr (G + wd w)
+        w.mul_(1 - lr * wd)
+        add_gradient(w, -lr)
+        return
+    m.mul_(mu).add_(w, alpha=keep * wd)  # m = mu m + (1 - damp) (G + wd w)
+    add_gradient(m, keep)
+    if group["nesterov"]:  # w -= lr (G + wd w + mu m)
+        w.mul_(1 - lr * wd).add_(m, alpha=-lr * mu)
+        add_gradient(w, -lr)
+    else:  # w -= lr m
+        w.add_(m, alpha=-lr)
 
 
 class CropGradScaler(torch.amp.GradScaler):
