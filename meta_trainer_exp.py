@@ -22,7 +22,7 @@ from utils import checkpoint
 from utils.config import (Parser, UserError, add_common_args, add_training_args, dump, gene_literal,
                           parse_args, run_files, run_script)
 from utils.distributed import Dist, setup
-from utils.engine import check_resume, evaluate, run_training
+from utils.engine import GeneSchedule, check_resume, evaluate, run_training
 
 MIDDLE_ID = 15
 
@@ -43,6 +43,12 @@ def get_args_parser() -> Parser:
                 "gene, or a PrunedNet checkpoint of the same gene; without a path, the PruningNet the search used")
     p.flag("--recal-batches", type=int, default=20, help="training batches for BN recalibration of --valuate probes")
     p.flag("--recal-batch-size", type=int, default=None, help="images per recalibration batch (default --batch-size)")
+    p.flag("--sandwich", type=int, default=None, metavar="N",
+           help="PruningNet: every step adds up the gradients of the widest gene, the narrowest and N random genes "
+                "(the sandwich rule; default: one random gene, the paper's)")
+    p.flag("--distill", action="store_true",
+           help="PruningNet with --sandwich: the other genes learn from the widest gene's soft predictions of the "
+                "same batch (in-place distillation), the widest from the labels")
     return p
 
 
@@ -56,6 +62,13 @@ def add_gene_args(p: Parser) -> None:
 def _validate(args: argparse.Namespace) -> None:
     if is_pruningnet(args.arch) and args.inherit:
         raise UserError(f"--inherit is for *_prunednet archs, not {args.arch}")
+    if not is_pruningnet(args.arch) and (args.sandwich is not None or args.distill):
+        raise UserError(f"--sandwich and --distill train a PruningNet (*_pruningnet archs), not {args.arch}")
+    if args.sandwich is not None and not 0 <= args.sandwich <= 64:
+        raise UserError(f"--sandwich N takes 0 to 64 random genes beside the widest and the narrowest, got "
+                        f"{args.sandwich}")
+    if args.distill and args.sandwich is None:
+        raise UserError("--distill needs --sandwich N (the widest gene of each step is the teacher)")
     validate_gene_args(args)
     if args.recal_batches < 1 or (args.recal_batch_size is not None and args.recal_batch_size < 1):
         raise UserError(f"--recal-batches and --recal-batch-size must be positive integers, got {args.recal_batches} "
@@ -180,7 +193,8 @@ def build_pruningnet(args: argparse.Namespace, data, device: torch.device, dist_
         return {"top1": sum(scores.values()) / len(scores), **scores}
 
     summary = f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
-    return model, checkpoint.model_record(args.arch, None, **model_args), validate, layout, summary
+    schedule = GeneSchedule(layout, args.seed, args.sandwich, args.distill)
+    return model, checkpoint.model_record(args.arch, None, **model_args), validate, schedule, summary
 
 
 def build_prunednet(args: argparse.Namespace, data, device: torch.device, dist_info: Dist, model_args: dict):
@@ -221,10 +235,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     seed=args.seed, defer_split=True, skip_damaged=args.skip_bad_images, lighting=args.lighting)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     build = build_pruningnet if pruning else build_prunednet
-    model, record, validate, layout, summary = build(args, data, device, dist_info, model_args)
+    model, record, validate, schedule, summary = build(args, data, device, dist_info, model_args)
     if resume_state is not None:
         check_resume(resume_state, record, args, dist_info.world_size)
-    return run_training(args, model, record, data, device, dist_info, validate, summary, layout, resume_state)
+    return run_training(args, model, record, data, device, dist_info, validate, summary, schedule, resume_state)
 
 
 if __name__ == "__main__":

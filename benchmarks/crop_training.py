@@ -71,7 +71,7 @@ def measure(arch: str, device: torch.device, size: int, batch: int, steps: int, 
     runners = {}
     for name, dense in (("dense", True), ("crop-aware", False)):
         trainer, _ = training_step(arch, device, size, 1.0, dense_generator_update=dense)
-        runners[name] = lambda gene, t=trainer: t.train_step(x, y, gene)
+        runners[name] = lambda gene, t=trainer: t.train_step(x, y, (gene,))
     floors = {g: create_model(f"{arch}_prunednet", gene=g, num_classes=1000, small_input=False).to(device)
               for g in genes}
     floor_opt = {g: torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import create_model, get_family, recalibrate_bn  # noqa: E402
 from models.cost import cost_model  # noqa: E402
-from utils.engine import Trainer, evaluate, gene_for_step  # noqa: E402
+from utils.engine import GeneSchedule, Trainer, evaluate, gene_for_step  # noqa: E402
 from utils.logger import RunLogger  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def training_step(arch: str, device: torch.device, size: int, width: float, amp:
               "lr_milestones": None, "lr_gamma": 0.1, "depthwise_decay": True, "dropout": None,
               "suffix": "", "seed": 0, "input_size": size, "dense_generator_update": dense_generator_update}
     trainer = Trainer(argparse.Namespace(**config), net, {}, range(10 ** 6), device, RunLogger(None, enabled=False),
-                      validate=dict, layout=net.spec.layout)
+                      validate=dict, schedule=GeneSchedule(net.spec.layout, 0))
     return trainer, net
 
 
@@ -84,7 +84,7 @@ def train_rate(arch: str, device: torch.device, size: int, batch: int, width: fl
     for step in range(steps + 2):  # two warmup steps
         sync(device)
         t = time.perf_counter()
-        trainer.train_step(x, y, gene_for_step(net.spec.layout, 0, step))
+        trainer.train_step(x, y, (gene_for_step(net.spec.layout, 0, step),))
         sync(device)
         times.append(time.perf_counter() - t)
     return batch / statistics.median(times[2:])

@@ -14,7 +14,8 @@ retraining its best candidate with ``--inherit``; with two GPUs torchrun over NC
 PruningNet's training images/s at 224 px, full width, ResNet50 and MobileNetV2, fp32 and bf16
 (with and without channels-last), with peak GPU memory and host syncs per step
 (``torch.cuda.set_sync_debug_mode``); candidates/min of search scoring (224 px, BN recalibration
-on 20 batches of 100, top-1 on 5,000 images decoded once), with host syncs per candidate.
+on 20 batches of 100, top-1 on 5,000 images decoded once), with host syncs per candidate. Crop-aware
+PruningNet training is checked against dense SGD in lockstep, and measured beside the dense path.
 """
 from __future__ import annotations
 
@@ -193,6 +194,7 @@ def path_checks(work: Path, device: str, timeout: float, jobs: int, gpus: int, b
     inline = Checks(work, device, timeout)
     inline.inline("BN recalibration without host syncs", lambda: recalibration(device))
     inline.inline("fused SGD: an fp16 first step skipped by GradScaler", lambda: skipped_first_step(device))
+    inline.inline("crop-aware PruningNet training equals dense SGD", lambda: crop_lockstep(device))
     return [row for c in (*checks, inline) for row in c.rows]
 
 
@@ -232,20 +234,21 @@ def recalibration(device: str) -> str:
 
 
 def training_row(arch: str, device: torch.device, size: int, batch: int, steps: int, amp: str | None,
-                 channels_last: bool) -> Row:
-    """Images/s, peak memory and host syncs per step of the training scripts' PruningNet step."""
+                 channels_last: bool, dense: bool = False) -> Row:
+    """Images/s, peak memory and host syncs per step of the training scripts' PruningNet step (crop-aware,
+    or with ``dense`` the ``--dense-generator-update`` path)."""
     from throughput import training_step
     from utils.engine import gene_for_step
 
     what = f"PruningNet training, {arch}, full width, {size} px, batch {batch}" + (f", {amp}" if amp else "") \
-        + (", channels-last" if channels_last else "")
+        + (", channels-last" if channels_last else "") + (", --dense-generator-update" if dense else "")
     torch.cuda.reset_peak_memory_stats(device)
-    trainer, net = training_step(arch, device, size, 1.0, amp, channels_last)
+    trainer, net = training_step(arch, device, size, 1.0, amp, channels_last, dense_generator_update=dense)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
 
     def step(i: int) -> None:
-        trainer.train_step(x, y, gene_for_step(net.spec.layout, 0, i))
+        trainer.train_step(x, y, (gene_for_step(net.spec.layout, 0, i),))
 
     for i in range(2):
         step(i)  # warmup
@@ -290,6 +293,18 @@ def scoring_row(arch: str, device: torch.device, size: int, evals: int, candidat
                "ok", f"{rate:.1f} candidates/min", f"{syncs} host syncs per candidate")
 
 
+def crop_lockstep(device: str) -> str:
+    """Crop-aware training against dense SGD in lockstep (``tests/crop_lockstep.py``), plain and scaled."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from crop_lockstep import lockstep
+
+    worst = max(max(lockstep(family, nesterov=True, steps=20, scaled=scaled, device=torch.device(device)).values())
+                for family in ("resnet50", "mobilenetv2") for scaled in (False, True))
+    if worst > 1e-5:
+        raise AssertionError(f"{worst:.2g} apart")
+    return f"weights, momentum and generated weights within {worst:.1g} of dense SGD's"
+
+
 def skipped_first_step(device: str) -> str:
     """The training optimizer (fused SGD) under GradScaler: an overflowed first step is skipped
     without a trace, and the next steps equal plain SGD's."""
@@ -330,6 +345,8 @@ def measurements(device: torch.device, bf16: bool, quick: bool) -> list[Row]:
         for amp, cl in [(None, False)] + ([("bf16", False), ("bf16", True)] if bf16 else [("fp16", False)]):
             jobs.append((f"PruningNet training, {arch}, {amp or 'fp32'}{', channels-last' if cl else ''}",
                          lambda arch=arch, amp=amp, cl=cl: training_row(arch, device, size, batch, steps, amp, cl)))
+        jobs.append((f"PruningNet training, {arch}, fp32, --dense-generator-update",
+                     lambda arch=arch: training_row(arch, device, size, batch, steps, None, False, dense=True)))
         jobs.append((f"search scoring, {arch}",
                      lambda arch=arch: scoring_row(arch, device, size, 500 if quick else 5000, 2 if quick else 4)))
     rows = []

@@ -37,8 +37,9 @@ def optimizer_args(nesterov: bool, dense: bool) -> argparse.Namespace:
                               dense_generator_update=dense)
 
 
-def build(family: str, nesterov: bool, dense: bool, model: torch.nn.Module | None = None):
-    model = model or create_model(f"{family}_pruningnet", num_classes=5, width_mult=0.125, small_input=True)
+def build(family: str, nesterov: bool, dense: bool, model: torch.nn.Module | None = None,
+          device: torch.device = torch.device("cpu")):
+    model = model or create_model(f"{family}_pruningnet", num_classes=5, width_mult=0.125, small_input=True).to(device)
     optimizer = build_optimizer(model, optimizer_args(nesterov, dense))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 100)
     return model, optimizer, schedule
@@ -57,7 +58,7 @@ def expand_crop_gradients(dense: torch.nn.Module, crop: torch.nn.Module) -> None
 
 
 def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = None, genes_per_step: int = 1,
-             seed: int = 0, scaled: bool = False) -> dict[str, float]:
+             seed: int = 0, scaled: bool = False, device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Train ``steps`` steps both ways (optionally moving the crop run through a state dict at step
     ``resume_at``, or with a GradScaler's scaled losses); the largest relative differences of the
     generated weights, parameters and momentum. Under torchrun each process trains its own batches;
@@ -65,12 +66,12 @@ def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = No
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(seed)
-    crop, crop_opt, crop_schedule = build(family, nesterov, dense=False)
+    crop, crop_opt, crop_schedule = build(family, nesterov, dense=False, device=device)
     dense, dense_opt, dense_schedule = build(family, nesterov, dense=True, model=copy.deepcopy(crop))
     assert isinstance(crop_opt, CropSGD) and not isinstance(dense_opt, CropSGD)
-    ddp = wrap_ddp(crop, torch.device("cpu"), pruningnet=True, by_crop=True) if world > 1 else crop
-    scalers = [CropGradScaler("cpu", init_scale=256.0, enabled=scaled), torch.amp.GradScaler("cpu", init_scale=256.0,
-                                                                                          enabled=scaled)]
+    ddp = wrap_ddp(crop, device, pruningnet=True, by_crop=True) if world > 1 else crop
+    scalers = [CropGradScaler(device.type, init_scale=256.0, enabled=scaled),
+               torch.amp.GradScaler(device.type, init_scale=256.0, enabled=scaled)]
     layout = get_family(family).layout
     data = torch.Generator().manual_seed(1000 * seed + rank)
     worst = {"generated": 0.0, "params": 0.0, "momentum": 0.0}
@@ -78,7 +79,7 @@ def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = No
         if step == resume_at and world == 1:  # the crop run goes on from its state dicts in a new model and optimizer
             state = {"model": copy.deepcopy(crop.state_dict()), "optimizer": copy.deepcopy(crop_opt.state_dict()),
                      "schedule": crop_schedule.state_dict()}
-            crop, crop_opt, crop_schedule = build(family, nesterov, dense=False)
+            crop, crop_opt, crop_schedule = build(family, nesterov, dense=False, device=device)
             crop.load_state_dict(state["model"])
             crop_opt.load_state_dict(state["optimizer"])
             crop_schedule.load_state_dict(state["schedule"])
@@ -86,8 +87,8 @@ def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = No
         genes = [gene_for_step(layout, seed, genes_per_step * step + k) for k in range(genes_per_step)]
         crop_opt.zero_grad()
         for gene in genes:
-            x = torch.randn(4, 3, 16, 16, generator=data)
-            y = torch.randint(0, 5, (4,), generator=data)
+            x = torch.randn(4, 3, 16, 16, generator=data).to(device)
+            y = torch.randint(0, 5, (4,), generator=data).to(device)
             with torch.no_grad():
                 want = dense.generate(gene)
             loss = F.cross_entropy(ddp(x, gene), y)

@@ -27,5 +27,6 @@ def test_the_path_checks_pass_on_the_cpu(tmp_path):
     assert results["--deterministic, second run: the same weights"] == "ok"
     assert results["retrain its best candidate with --inherit"] == "ok"
     assert results["torchrun with more processes than GPUs"] == "skipped"
+    assert results["crop-aware PruningNet training equals dense SGD"] == "ok"
     assert [r for r in results.values() if r != "skipped"] and set(results.values()) <= {"ok", "skipped"}
     assert "| what | result | time or value | detail |" in r.stdout  # the one table

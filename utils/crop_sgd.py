@@ -94,12 +94,18 @@ class CropSGD(torch.optim.SGD):
         for z in self._lazy:
             z.last.zero_()
             z.fresh = tuple(z.param.shape[:2])
-            # made on the device: nothing is copied from the host
-            self._products[z.group] = torch.eye(2, dtype=torch.float64, device=z.param.device).repeat(
-                self.window + 1, 1, 1)
+            if z.group not in self._products:  # made on the device: nothing is copied from the host
+                self._products[z.group] = torch.empty(self.window + 1, 2, 2, dtype=torch.float64,
+                                                      device=z.param.device)
+            self._products[z.group].copy_(torch.eye(2, dtype=torch.float64, device=z.param.device))
             if self.param_groups[z.group]["momentum"] and "momentum_buffer" not in self.state[z.param]:
                 # a zero buffer is what PyTorch's first step starts from (no dampening hole)
                 self.state[z.param]["momentum_buffer"] = torch.zeros_like(z.param)
+
+    @property
+    def pending_steps(self) -> int:
+        """Steps since every element was last brought up to date (0: the weights are current everywhere)."""
+        return self._steps
 
     def _buffer(self, z: _Lazy) -> torch.Tensor | None:
         return self.state[z.param]["momentum_buffer"] if self.param_groups[z.group]["momentum"] else None

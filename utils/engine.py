@@ -15,6 +15,7 @@ import random
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -105,6 +106,36 @@ def gene_for_step(layout: GeneLayout, seed: int, step: int) -> Gene:
     return layout.sample(random.Random(seed * 1_000_003 + step))
 
 
+@dataclass(frozen=True)
+class GeneSchedule:
+    """The genes a PruningNet trains at each global step, a pure function of (seed, step) as
+    ``gene_for_step``: one random gene (the paper's), or with ``sandwich`` N the widest gene, the
+    narrowest and N random ones, whose gradients add up in the step (the sandwich rule of slimmable
+    networks and BigNAS). With ``distill`` the genes after the widest learn from the widest gene's
+    soft predictions of the same batch (in-place distillation), the widest from the labels."""
+
+    layout: GeneLayout
+    seed: int
+    sandwich: int | None = None
+    distill: bool = False
+
+    def genes(self, step: int) -> tuple[Gene, ...]:
+        if self.sandwich is None:
+            return (gene_for_step(self.layout, self.seed, step),)
+        rng = random.Random(self.seed * 1_000_003 + step)
+        return (self.layout.full(), self.layout.narrowest(), *(self.layout.sample(rng) for _ in range(self.sandwich)))
+
+    def format(self, genes: tuple[Gene, ...]) -> list | list[list]:
+        """``genes`` as logged: the gene itself when there is one, else the list of them."""
+        shown = [self.layout.format(g) for g in genes]
+        return shown[0] if len(shown) == 1 else shown
+
+
+def soft_cross_entropy(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against the probabilities ``teacher`` (in-place distillation)."""
+    return -(teacher * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
 def autocast(args: argparse.Namespace, device: torch.device):
     """Mixed precision when ``--amp`` asks for it."""
     if not args.amp:
@@ -166,6 +197,12 @@ def check_resume(state: dict, record: dict, args: argparse.Namespace, world_size
     if "optimizer" not in state:
         raise UserError(f"{where}: holds finished weights only (no optimizer state); to start a new run from them, "
                         f"pass it as --inherit instead")
+    for flag, key, default in (("--sandwich", "sandwich", None), ("--distill", "distill", False)):
+        saved = state.get("config", {}).get(key, default)
+        if saved != getattr(args, key, default):  # trainer_exp.py trains no PruningNet: neither flag
+            spelled = f"without {flag}" if saved in (None, False) else flag + ("" if saved is True else f" {saved}")
+            raise UserError(f"{where}: the checkpoint was trained {spelled} (another schedule of genes); resume "
+                            f"{spelled}")
     saved_decay = state.get("config", {}).get("depthwise_decay", True)
     if saved_decay != args.depthwise_decay:
         flag = "--depthwise-decay" if saved_decay else "--no-depthwise-decay"
@@ -234,9 +271,9 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, model: nn.Module, record: dict, loader, device: torch.device,
                  logger: RunLogger, validate: Callable[[nn.Module], dict[str, float]],
-                 layout: GeneLayout | None = None, dist_info: Dist = Dist()) -> None:
+                 schedule: GeneSchedule | None = None, dist_info: Dist = Dist()) -> None:
         self.args, self.record, self.loader, self.device, self.logger = args, record, loader, device, logger
-        self.validate, self.layout, self.dist = validate, layout, dist_info
+        self.validate, self.schedule, self.dist = validate, schedule, dist_info
         if args.channels_last:
             model = to_channels_last(model)
         if args.sync_bn and dist_info.enabled:
@@ -248,7 +285,7 @@ class Trainer:
         self.model = model
         self.optimizer = build_optimizer(model, args)
         by_crop = isinstance(self.optimizer, CropSGD)
-        self.ddp = wrap_ddp(model, device, layout is not None, by_crop) if dist_info.enabled else model
+        self.ddp = wrap_ddp(model, device, schedule is not None, by_crop) if dist_info.enabled else model
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.steps = min(len(loader), args.steps_per_epoch or len(loader))
         self.scheduler = build_scheduler(self.optimizer, args, self.steps)
@@ -315,6 +352,10 @@ class Trainer:
                 "metrics": self.metrics, "rng": rng, "config": vars(self.args)}
 
     def save(self, best: bool = False) -> None:
+        if isinstance(self.optimizer, CropSGD):
+            # every process, not only the one that writes: flushing rounds otherwise than the lazy updates
+            # would, and the processes' weights must stay the same to the bit
+            self.optimizer.flush()
         rng = all_gather(rng_state(self.device))  # a collective: every process takes part
         if self.dist.main:
             checkpoint.save(self.state(rng), self.ckpt_path)
@@ -384,17 +425,17 @@ class Trainer:
         self.loader.dataset.set_epoch(self.epoch)
         self.ddp.train()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * n, top-1 hits, n: finite steps
-        window: list[tuple[int, Gene | None, torch.Tensor]] = []  # (step, gene, loss finite) since the last sync
+        window: list[tuple[int, tuple[Gene, ...] | None, torch.Tensor]] = []  # (step, genes, finite loss) since sync
         start, seen, totals = time.perf_counter(), 0, None
         for x, y in progress(self.loader, desc=f"epoch {self.epoch + 1}/{args.epochs}", initial=self.step_in_epoch,
                              total=self.steps):
             step = self.epoch * self.steps + self.step_in_epoch
-            gene = gene_for_step(self.layout, args.seed, step) if self.layout is not None else None
-            loss, hits = self.train_step(x, y, gene)
+            genes = self.schedule.genes(step) if self.schedule is not None else None
+            loss, hits = self.train_step(x, y, genes)
             finite = torch.isfinite(loss)  # fp16 steps with an overflow are left out of the means
             sums += torch.stack([torch.where(finite, loss.double() * len(y), 0.0),
                                  torch.where(finite, hits.double(), 0.0), finite.double() * len(y)])
-            window.append((step, gene, finite))
+            window.append((step, genes, finite))
             seen += len(y)
             self.step_in_epoch += 1
             last = self.step_in_epoch == self.steps
@@ -404,7 +445,7 @@ class Trainer:
                 totals = self.sync_point(sums, window, stop)
                 window = []
                 if log:
-                    self.log_step(step, gene, totals, seen, start)
+                    self.log_step(step, genes, totals, seen, start)
                 if save and not self.stopping:
                     self.save()
             if self.stopping or last:
@@ -417,25 +458,42 @@ class Trainer:
         return {"loss": loss_sum / count, "top1": 100 * hits / count, "lr": self.optimizer.param_groups[0]["lr"],
                 "time": elapsed, "img_s": seen * self.dist.world_size / max(elapsed, 1e-9)}
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, gene: Gene | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimization step, queued on the device: the loss and the top-1 hits, as device tensors."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   genes: tuple[Gene, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimization step, queued on the device: the loss and the top-1 hits, as device tensors.
+
+        A PruningNet's step adds up the gradients of its ``genes`` (one backward each, reduced under
+        torchrun with the last); the loss and hits returned are their means over the genes."""
         device = self.device
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if self.args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.args, device):
-            out = self.ddp(x, gene) if gene is not None else self.ddp(x)
-            loss = self.criterion(out.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        losses, hits, teacher = [], [], None
+        for i, gene in enumerate(genes or (None,)):
+            accumulate = i + 1 < len(genes or (None,)) and self.dist.enabled
+            with self.ddp.no_sync() if accumulate else contextlib.nullcontext():
+                with autocast(self.args, device):
+                    out = (self.ddp(x, gene) if gene is not None else self.ddp(x)).float()
+                    if teacher is not None:
+                        loss = soft_cross_entropy(out, teacher)
+                    else:
+                        loss = self.criterion(out, y)
+                if i == 0 and self.schedule is not None and self.schedule.distill:
+                    teacher = out.detach().softmax(1)
+                self.scaler.scale(loss).backward()
+            losses.append(loss.detach())
+            hits.append(correct_topk(out.detach(), y)[0])
         if self.dist.enabled and isinstance(self.optimizer, CropSGD):
             self.optimizer.all_reduce_crop_gradients()  # before the inf check, so that every process agrees
         self.scaler.step(self.optimizer)  # fused SGD: an inf/NaN gradient under fp16 skips the step on the device
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach(), correct_topk(out.detach(), y)[0]
+        if len(losses) == 1:
+            return losses[0], hits[0]
+        return torch.stack(losses).mean(), torch.stack(hits).double().mean()
 
-    def sync_point(self, sums: torch.Tensor, window: list[tuple[int, Gene | None, torch.Tensor]],
+    def sync_point(self, sums: torch.Tensor, window: list[tuple[int, tuple[Gene, ...] | None, torch.Tensor]],
                    stop: StopRequests) -> tuple[float, float, float]:
         """One exchange (and one device sync): the epoch's loss and hit sums and sample count over all
         processes; the finiteness of every loss since the last sync point; a stop signal that reached
@@ -448,15 +506,15 @@ class Trainer:
         flags = torch.stack([f for _, _, f in window]).double() if window else sums.new_zeros(0)
         stopping = torch.tensor([float(stop.signal is not None)], dtype=torch.float64)
         loss_sum, hits, count, *finite, stops = sum_over_processes(torch.cat([sums, flags, stopping.to(self.device)]))
-        bad = [(step, gene) for (step, gene, _), n in zip(window, finite) if n < self.dist.world_size]
+        bad = [(step, genes) for (step, genes, _), n in zip(window, finite) if n < self.dist.world_size]
         fp16 = self.args.amp == "fp16"
         for n in finite:
             self.overflows = self.overflows + 1 if n < self.dist.world_size else 0
         if bad and (not fp16 or self.overflows >= FP16_OVERFLOW_STEPS):
-            step, gene = bad[0] if not fp16 else bad[-1]
+            step, genes = bad[0] if not fp16 else bad[-1]
             where = f"epoch {self.epoch} step {step - self.epoch * self.steps}"
             self.logger.info(f"non-finite loss at {where}"
-                             + (f" gene {self.layout.format(gene)}" if gene is not None else ""))
+                             + (f" gene {self.schedule.format(genes)}" if genes is not None else ""))
             if fp16:
                 raise TrainingStopped(f"the fp16 training loss has been non-finite for {self.overflows} steps in a "
                                       f"row up to {where}: an overflow in the forward pass, which the loss scale "
@@ -476,17 +534,17 @@ class Trainer:
             return f"the last good checkpoint {self.ckpt_path} is kept: --resume it"
         return "no checkpoint was written yet: start the run again"
 
-    def log_step(self, step: int, gene: Gene | None, totals: tuple[float, float, float], seen: int,
+    def log_step(self, step: int, genes: tuple[Gene, ...] | None, totals: tuple[float, float, float], seen: int,
                  start: float) -> None:
         """The logged point of a sync point: running means over the epoch so far."""
         loss_sum, hits, count = totals
         count = max(count, 1.0)  # 0 only when every step so far overflowed in fp16
         extra = {}
-        if gene is not None:
-            if len(set(map(tuple, all_gather(gene)))) > 1:  # DDP would average different structures
+        if genes is not None:
+            if len(set(map(tuple, all_gather(genes)))) > 1:  # DDP would average different structures
                 raise TrainingStopped(f"processes disagree on the gene of step {step}; all must run the same "
                                       f"code and --seed")
-            extra["gene"] = self.layout.format(gene)
+            extra["gene"] = self.schedule.format(genes)
         self.logger.record("step", epoch=self.epoch, step=step + 1, loss=round(loss_sum / count, 5),
                            top1=round(100 * hits / count, 3), lr=self.optimizer.param_groups[0]["lr"],
                            img_s=round(seen * self.dist.world_size / (time.perf_counter() - start), 1), **extra)
@@ -514,7 +572,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, pruningnet: bool, by_crop: 
 
 def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data, device: torch.device,
                  dist_info: Dist, validate: Callable[[nn.Module], dict[str, float]], summary: str,
-                 layout: GeneLayout | None = None, resume_state: dict | None = None) -> dict[str, float]:
+                 schedule: GeneSchedule | None = None, resume_state: dict | None = None) -> dict[str, float]:
     """What both training scripts do once model and data exist and the input is checked: the
     loader, the split file and the logger (rank 0), the epoch loop, and leaving the process group."""
     from data import make_loader
@@ -538,7 +596,7 @@ def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data,
         logger.info(f"config {json.dumps(vars(args), sort_keys=True)}")
         logger.info(summary)
         try:
-            metrics = Trainer(args, model, record, loader, device, logger, validate, layout,
+            metrics = Trainer(args, model, record, loader, device, logger, validate, schedule,
                               dist_info).fit(resume_state)
             logger.info("final " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         finally:
