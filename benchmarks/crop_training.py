@@ -18,7 +18,6 @@ over 200 genes of the gene schedule. Writes ``benchmarks/results/crop_training_{
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import create_model, get_family  # noqa: E402
 from models.layers import IMAGE_CHANNELS, IMAGE_SLOT  # noqa: E402
-from throughput import device_name, sync, training_step  # noqa: E402
+from throughput import device_name, save_result, sync, training_step  # noqa: E402
 from utils.engine import gene_for_step  # noqa: E402
 
 
@@ -111,9 +110,7 @@ def main() -> None:
     size, batch = (64, 16) if device.type == "cpu" else (224, 64)
     rows = [measure(arch, device, size, batch, args.steps, args.rounds) for arch in ("resnet50", "mobilenetv2")]
     result = {"device": device_name(device), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"crop_training_{device.type}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.out, f"crop_training_{device.type}.json", result)
     print(f"device: {result['device']}, torch {torch.__version__}")
     print("| arch | setting | dense img/s | crop-aware img/s | floor img/s | crop / dense | crop / floor | "
           "all-reduced per step, dense → crop (M values) |\n|---|---|---|---|---|---|---|---|")

@@ -23,7 +23,6 @@ in all, including decoding workers competing with the forward passes for the CPU
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from data import get_data, make_loader  # noqa: E402
 from data.synthetic import make_image_folder  # noqa: E402
 from models import create_model  # noqa: E402
 from search.evaluator import CandidateEvaluator, search_evaluator  # noqa: E402
-from throughput import device_name, sync  # noqa: E402
+from throughput import device_name, save_result, sync  # noqa: E402
 
 
 class Timed:
@@ -140,9 +139,7 @@ def main() -> None:
                          f"({args.classes} classes), BN recalibration {args.recal_batches}x{args.batch_size}, "
                          f"batch {args.batch_size}, {args.workers} loader workers, {args.candidates} candidates",
               "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"search_data_{device.type}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.out, f"search_data_{device.type}.json", result)
     print(f"device: {result['device']}; {result['setting']}")
     print("| scoring data | decoded once (s) | first candidate (s) | candidates/min after | waiting for data | "
           "time above the floor |\n|---|---|---|---|---|---|")

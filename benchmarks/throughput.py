@@ -40,6 +40,13 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def save_result(folder: str, name: str, result: dict) -> None:
+    """A benchmark's results as JSON in ``folder`` (made if missing)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=1))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,9 +172,7 @@ def main() -> None:
                          "setting": f"full width, {size}px, recal {recal}x{batch}, eval {evals * batch}",
                          "value": round(rate, 2), "unit": "candidates/min", "outside_forward": round(outside, 4)})
     result = {"device": device_name(device), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"throughput_{device.type}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.out, f"throughput_{device.type}.json", result)
     print(f"device: {result['device']}, torch {torch.__version__}")
     print("| measure | arch | setting | value | outside forward |\n|---|---|---|---|---|")
     for r in rows:
