@@ -22,16 +22,16 @@ from typing import Iterable
 
 import torch
 
+from app import checkpoint
+from app.config import CHECKPOINT_DIR, LOG_DIR, SPLIT_DIR, add_common_args, check_log_file, dump, parse_args, run_name
+from app.distributed import Dist, all_gather, any_process, barrier, cleanup, setup
+from app.engine import StopRequests
 from data import get_data
 from models import Gene, get_family, is_pruningnet, recalibrate_bn
 from models.cost import channel_table, cost_model, format_table
 from search import evolution, latency
 from search.evaluator import CandidateEvaluator, search_evaluator
-from utils import checkpoint
-from utils.config import (CHECKPOINT_DIR, LOG_DIR, Parser, UserError, add_common_args, check_log_file, dump,
-                          parse_args, run_script)
-from utils.distributed import Dist, all_gather, any_process, barrier, cleanup, setup
-from utils.engine import StopRequests
+from utils.cli import Parser, UserError, run_script
 from utils.logger import RunLogger
 from utils.visdom_sink import make_sink
 
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> list:
         return []
     feasible = feasibility(args, layout, costs, table)
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=True,
-                    defer_split=True, skip_damaged=args.skip_bad_images)
+                    defer_split=True, skip_damaged=args.skip_bad_images, split_dir=SPLIT_DIR)
     state = initial_state(args, layout, feasible, resumed)
     began = time.perf_counter()
     evaluator = search_evaluator(net, data, args.recal_batches, args.batch_size, args.seed, device, args.workers,
@@ -397,7 +397,8 @@ def report(best: list[tuple[Gene, float]], costs, layout, logger: RunLogger) -> 
 def open_logger(args: argparse.Namespace, log_file: Path, dist_info: Dist) -> RunLogger:
     """The search log (rank 0 only), opened once the input has been checked."""
     logger = RunLogger(log_file, enabled=dist_info.main,
-                       sink=make_sink(args, log_file.stem, log_file) if dist_info.main else None)
+                       sink=make_sink(args, log_file.stem, log_file, run_name(args), bool(args.search_resume))
+                       if dist_info.main else None)
     logger.info(f"config {dump(args)}")
     return logger
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
+from app import checkpoint
+from app.config import SPLIT_DIR, add_common_args, add_training_args, dump, gene_literal, parse_args, run_files
+from app.distributed import Dist, setup
+from app.engine import GeneSchedule, check_resume, evaluate, run_training
 from data import fixed_batches, get_data, make_loader
 from models import Gene, GeneLayout, create_model, get_family, is_pruningnet
 from models.cost import cost_model
 from search.evaluator import CandidateEvaluator
-from utils import checkpoint
-from utils.config import (Parser, UserError, add_common_args, add_training_args, dump, gene_literal,
-                          parse_args, run_files, run_script)
-from utils.distributed import Dist, setup
-from utils.engine import GeneSchedule, check_resume, evaluate, run_training
+from utils.cli import Parser, UserError, run_script
 
 MIDDLE_ID = 15
 
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume_state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True) if args.resume else None
     checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning,
-                    seed=args.seed, defer_split=True, skip_damaged=args.skip_bad_images, lighting=args.lighting)
+                    seed=args.seed, defer_split=True, skip_damaged=args.skip_bad_images, lighting=args.lighting,
+                    split_dir=SPLIT_DIR)
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     build = build_pruningnet if pruning else build_prunednet
     model, record, validate, schedule, summary = build(args, data, device, dist_info, model_args)

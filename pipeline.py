@@ -21,15 +21,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
-import meta_search_exp  # noqa: E402
-import meta_trainer_exp  # noqa: E402
-from models import Gene, GeneLayout, get_family  # noqa: E402
-from models.cost import CostModel, cost_model  # noqa: E402
-from utils import checkpoint  # noqa: E402
-from utils.config import CHECKPOINT_DIR, Parser, UserError, run_script  # noqa: E402
-from utils.plot import main as plot_main  # noqa: E402
+import meta_search_exp
+import meta_trainer_exp
+from app.config import CHECKPOINT_DIR
+from models import Gene, GeneLayout, get_family
+from models.cost import CostModel, cost_model
+from utils.cli import Parser, UserError, run_script
+from utils.files import save_text
+from utils.plot import main as plot_main
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                "full_mmac": round(p.costs(p.layout.full()).mmac, 3), "pruningnet_s": round(p.times["PruningNet"], 1),
                **result}
     with inside(run_dir):
-        checkpoint.save_text(json.dumps(summary, indent=1), Path("results.json"))
+        save_text(json.dumps(summary, indent=1), Path("results.json"))
         plot_main([f"logs/fashionmnist_{args.arch}_pruningnet.jsonl",
                    f"logs/MetaPruneSearch_{args.arch}_pruningnet_flops{result['budget_mmac']}.jsonl", "--out", "plots"])
     print(f"\nFashion-MNIST, {args.arch} x{p.r.width}, budget {args.budget:.0%} of {summary['full_mmac']:.2f} MMac "

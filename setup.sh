@@ -27,7 +27,8 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
 fi
 PY=${PYTHON:-python3}
 stamp=.venv/.requirements.sha256
-want=$(sha256sum requirements.txt setup.sh | sha256sum | cut -d' ' -f1)
+# the checkout's own path too: the editable install below points at it
+want=$( (sha256sum requirements.txt setup.sh pyproject.toml; pwd) | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   if $visdom_assets; then scripts/visdom_assets.sh .venv/bin/python; fi
   exit 0
@@ -37,7 +38,9 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep 
 # visdom's setup.py needs pkg_resources, which setuptools 81 removed.
 pip install "setuptools<81" wheel
 pip install --no-build-isolation -r requirements.txt
-.venv/bin/python -c "import torch, torchvision, visdom, ptflops, tqdm, numpy, pytest, matplotlib" \
+# the project's packages, importable from anywhere (benchmarks, scripts, the tests)
+pip install --no-build-isolation --no-deps -e .
+.venv/bin/python -c "import torch, torchvision, visdom, ptflops, tqdm, numpy, pytest, matplotlib, app, models" \
   || { echo "setup.sh: the install is incomplete (see the pip messages above)" >&2; exit 1; }
 echo "$want" > "$stamp"
 if $visdom_assets; then scripts/visdom_assets.sh .venv/bin/python; fi

@@ -11,14 +11,15 @@ import sys
 
 import torch
 
+from app import checkpoint
+from app.config import add_common_args, add_training_args, dump, parse_args, run_files
+from app.distributed import setup
+from app.engine import check_resume, evaluate, run_training
 from data import get_data, make_loader
 from meta_trainer_exp import add_gene_args, resolve_gene, validate_gene_args
 from models import create_model, get_family, is_pruningnet
 from models.cost import cost_model
-from utils import checkpoint
-from utils.config import Parser, UserError, add_common_args, add_training_args, dump, parse_args, run_files, run_script
-from utils.distributed import setup
-from utils.engine import check_resume, evaluate, run_training
+from utils.cli import Parser, UserError, run_script
 
 
 def get_args_parser() -> Parser:

@@ -8,16 +8,13 @@ from __future__ import annotations
 import json
 import platform
 import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models import get_family  # noqa: E402
-from models.cost import cost_model  # noqa: E402
+from models import get_family
+from models.cost import cost_model
 
 
 def rate(fn, n: int, repeats: int = 5) -> float:

@@ -6,7 +6,7 @@ batch 64), images/s of the training scripts' own step (``Trainer.train_step``, a
 SGD momentum 0.9, weight decay 1e-4):
 
 - dense: ``--dense-generator-update`` (full-size generator gradients, every element stepped);
-- crop-aware: the default (``utils/crop_sgd.py``);
+- crop-aware: the default (``app/crop_sgd.py``);
 - floor: a static PrunedNet of each of the same genes, built beforehand (the same convolutions,
   nothing generated), stepped by the same fused SGD.
 
@@ -21,16 +21,14 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models import create_model, get_family  # noqa: E402
-from models.layers import IMAGE_CHANNELS, IMAGE_SLOT  # noqa: E402
-from throughput import device_name, save_result, sync, training_step  # noqa: E402
-from utils.engine import gene_for_step  # noqa: E402
+from app.engine import gene_for_step
+from benchmarks.throughput import device_name, save_result, sync, training_step
+from models import create_model, get_family
+from models.pruningnet import IMAGE_CHANNELS, IMAGE_SLOT
 
 
 def timed_steps(step, genes: list, device: torch.device) -> list[float]:

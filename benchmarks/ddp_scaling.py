@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from data.synthetic import make_image_folder  # noqa: E402
-from models import create_model, get_family  # noqa: E402
-from throughput import device_name  # noqa: E402
+from benchmarks.throughput import device_name
+from data.synthetic import make_image_folder
+from models import create_model, get_family
 
 
 def epoch_rate(log: Path) -> float:

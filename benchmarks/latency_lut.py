@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from models import PrunedNet, get_family  # noqa: E402
-from search import latency  # noqa: E402
-from throughput import device_name  # noqa: E402
+from benchmarks.throughput import device_name
+from models import PrunedNet, get_family
+from search import latency
 
 
 def errors(rows: list[dict], key: str) -> dict[str, float]:

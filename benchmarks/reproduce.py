@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from data import get_data  # noqa: E402
-from models import Gene  # noqa: E402
-from models.gene import NUM_SCALES  # noqa: E402
-from pipeline import FULL, QUICK, Pipeline, Recipe, compare, inside  # noqa: E402
-from search.evaluator import search_evaluator  # noqa: E402
-from utils import checkpoint  # noqa: E402
-from utils.config import UserError  # noqa: E402
+from app import checkpoint
+from app.config import SPLIT_DIR
+from data import get_data
+from models import Gene
+from models.gene import NUM_SCALES
+from pipeline import FULL, QUICK, Pipeline, Recipe, compare, inside
+from search.evaluator import search_evaluator
+from utils.cli import UserError
 
 # The main job's recipe, scaled up where the 15-minute limit made it thin: the PruningNet trained one
 # epoch longer, a 2.5x larger sub-validation split and a 2x larger recalibration set (a less noisy
@@ -155,7 +155,8 @@ def proxy_scores(p: Pipeline, genes: list, recal_batches: int) -> list[float]:
     """The top-1 the PruningNet gives each gene, exactly as the search scores candidates."""
     with inside(p.run_dir):
         net = checkpoint.build_model(checkpoint.load(p.pruningnet))
-        data = get_data("fashionmnist", None, 32, p.r.val_per_class, hold_out=True, seed=p.seed)
+        data = get_data("fashionmnist", None, 32, p.r.val_per_class, hold_out=True, seed=p.seed,
+                        split_dir=SPLIT_DIR)
         evaluator = search_evaluator(net, data, recal_batches, p.r.batch, p.seed, torch.device("cpu"))
         return [evaluator.top1(g) for g in genes]
 

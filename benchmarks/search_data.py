@@ -34,12 +34,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from data import get_data, make_loader  # noqa: E402
-from data.synthetic import make_image_folder  # noqa: E402
-from models import create_model  # noqa: E402
-from search.evaluator import CandidateEvaluator, search_evaluator  # noqa: E402
-from throughput import device_name, save_result, sync  # noqa: E402
+from benchmarks.throughput import device_name, save_result, sync
+from data import get_data, make_loader
+from data.synthetic import make_image_folder
+from models import create_model
+from search.evaluator import CandidateEvaluator, search_evaluator
 
 
 class Timed:
@@ -106,7 +105,8 @@ def main() -> None:
             began = time.perf_counter()
             make_image_folder(root, args.classes, args.subval_per_class + args.train_per_class, 1, size=(500, 375))
             print(f"wrote {root} in {time.perf_counter() - began:.0f} s")
-        data = get_data("imagenet", str(root), 224, val_per_class=args.subval_per_class, defer_split=True)
+        data = get_data("imagenet", str(root), 224, val_per_class=args.subval_per_class, defer_split=True,
+                        split_dir=Path(scratch) / "splits")
         torch.manual_seed(0)
         net = create_model("resnet50_pruningnet", num_classes=args.classes, width_mult=args.width).to(device).eval()
         rng = random.Random(0)

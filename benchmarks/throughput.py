@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models import create_model, get_family, recalibrate_bn  # noqa: E402
-from models.cost import cost_model  # noqa: E402
-from utils.engine import GeneSchedule, Trainer, evaluate, gene_for_step  # noqa: E402
-from utils.logger import RunLogger  # noqa: E402
+from app.engine import GeneSchedule, Trainer, evaluate, gene_for_step
+from models import create_model, get_family, recalibrate_bn
+from models.cost import cost_model
+from utils.logger import RunLogger
 
 
 def device_name(device: torch.device) -> str:

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils.config import UserError
-
 from . import fashion_mnist, folder, split
 from .cache import DecodedBatches, decode
+from .errors import DataError
 
 
 @dataclass
@@ -39,11 +38,12 @@ class DataBundle:
 
 def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class: int = 50,
              hold_out: bool = True, seed: int = 0, defer_split: bool = False,
-             skip_damaged: bool = False, lighting: float = 0.0) -> DataBundle:
+             skip_damaged: bool = False, lighting: float = 0.0, split_dir: Path | None = None) -> DataBundle:
     """Load ``dataset`` (``imagenet``: any ImageFolder root; ``fashionmnist``) and its sub-val split.
 
-    ``hold_out=True`` holds the sub-validation split out of training (PruningNet training, search);
-    ``hold_out=False`` trains on all of train (retraining a PrunedNet) and draws no split.
+    ``hold_out=True`` holds the sub-validation split out of training (PruningNet training, search),
+    kept in ``split_dir``; ``hold_out=False`` trains on all of train (retraining a PrunedNet) and
+    draws no split.
     ``skip_damaged`` leaves image files that cannot be decoded out of their batches (each reported
     through ``Images.damaged``) instead of stopping with one line naming the first. ``lighting`` adds
     PCA lighting noise of that standard deviation to the training images (ImageNet only).
@@ -54,14 +54,14 @@ def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class
         classes, samples = folder.scan(root, "train")
         val_classes, val_samples = folder.scan(root, "val")
         if val_classes != classes:
-            raise UserError(f"--data-root {root}: val/ has classes {val_classes[:3]}... but train/ has "
+            raise DataError(f"--data-root {root}: val/ has classes {val_classes[:3]}... but train/ has "
                             f"{classes[:3]}...; both must hold the same class folders")
         train_tf, eval_tf = folder.transforms(input_size, lighting)
         val = Images(val_samples, eval_tf)
         if not hold_out:
             return DataBundle(Images(samples, train_tf, seed), Images(samples, eval_tf), None, val, len(classes), None)
         rel = [str(Path(p).relative_to(root)) for p, _ in samples]
-        path = split.split_path(dataset, str(root.resolve()), val_per_class)
+        path = split.split_path(_split_dir(split_dir), dataset, str(root.resolve()), val_per_class)
         held, pending = split.load_or_draw(path, rel, [t for _, t in samples], classes, val_per_class)
         keep = [s for s, r in zip(samples, rel) if r not in held]
         sub = [s for s, r in zip(samples, rel) if r in held]
@@ -79,7 +79,7 @@ def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class
                               len(fashion_mnist.CLASSES), None)
         # named after the labels' content, so another set of IDX files never reuses this split
         source = "fashion-mnist-train:" + hashlib.sha1(labels.numpy().tobytes()).hexdigest()
-        path = split.split_path(dataset, source, val_per_class)
+        path = split.split_path(_split_dir(split_dir), dataset, source, val_per_class)
         held, pending = split.load_or_draw(path, range(len(labels)), labels.tolist(), fashion_mnist.CLASSES,
                                            val_per_class)
         mask = torch.zeros(len(labels), dtype=torch.bool)
@@ -87,10 +87,16 @@ def get_data(dataset: str, data_root: str | None, input_size: int, val_per_class
         bundle = DataBundle(make(~mask, True), make(~mask, False), make(mask, False), val,
                             len(fashion_mnist.CLASSES), path, pending)
     else:
-        raise UserError(f"unknown dataset {dataset!r}; choose imagenet or fashionmnist")
+        raise DataError(f"unknown dataset {dataset!r}; choose imagenet or fashionmnist")
     if not defer_split:
         bundle.save_split()
     return bundle
+
+
+def _split_dir(folder: Path | None) -> Path:
+    if folder is None:
+        raise ValueError("get_data(hold_out=True) needs split_dir, the folder its split file is kept in")
+    return folder
 
 
 class EpochSampler(Sampler[int]):

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.config import UserError
-
+from .errors import DataError
 from .folder import sample_seed
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -32,12 +31,12 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
-        raise UserError(f"{path}: not an unsigned-byte IDX file")
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise UserError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(shape))} values)")
+        raise DataError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(shape))} values)")
     return arr.reshape(shape)
 
 
@@ -64,7 +63,7 @@ def locate(data_root: str | None) -> Path:
         return target
     except Exception as e:  # any download failure means: tell the user the three ways
         where = f"--data-root {data_root}" if data_root else "no --data-root given"
-        raise UserError(f"Fashion-MNIST not found ({where}; download failed: {str(e)[:80]}). Install Debian's "
+        raise DataError(f"Fashion-MNIST not found ({where}; download failed: {str(e)[:80]}). Install Debian's "
                         f"package (apt-get install dataset-fashion-mnist → {DEBIAN_DIR}), pass --data-root DIR "
                         f"holding train-images-idx3-ubyte.gz etc., or run where the internet is reachable") from None
 
@@ -73,7 +72,7 @@ def load(folder: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 28, 28) uint8 and labels of ``part`` (train or test) from ``folder``."""
     images, labels = (read_idx(_find(folder, n)) for n in FILES[part])
     if len(images) != len(labels):
-        raise UserError(f"Fashion-MNIST {part} files in {folder} disagree: {len(images)} images, {len(labels)} labels")
+        raise DataError(f"Fashion-MNIST {part} files in {folder} disagree: {len(images)} images, {len(labels)} labels")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

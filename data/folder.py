@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.config import UserError
+from .errors import DataError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class DamagedImage(UserError):
+class DamagedImage(DataError):
     """An image file that cannot be decoded: one line naming it.
 
     A loader worker's exception comes back to the main process re-raised with the worker's whole
@@ -172,11 +172,11 @@ def scan(root: Path, part: str) -> tuple[list[str], list[tuple[str, int]]]:
 
     folder = root / part
     if not folder.is_dir():
-        raise UserError(f"--data-root {root}: no {part}/ folder (an ImageNet-style root holds "
+        raise DataError(f"--data-root {root}: no {part}/ folder (an ImageNet-style root holds "
                         f"train/<class>/<image> and val/<class>/<image>)")
     try:
         classes, index = find_classes(str(folder))
         samples = make_dataset(str(folder), index, IMG_EXTENSIONS)
     except FileNotFoundError as e:
-        raise UserError(f"--data-root {root}: {part}/ holds no images ({e})") from None
+        raise DataError(f"--data-root {root}: {part}/ holds no images ({e})") from None
     return classes, samples

@@ -1,7 +1,8 @@
 """The sub-validation split: ``per_class`` training images of every class, held out for the search.
 
 Drawn once with a fixed seed (independent of ``--seed``, so PruningNet training and every search
-see the same split), saved as JSON under ``checkpoints/meta_prune/splits/`` and reused.
+see the same split), saved as JSON in the folder the caller names (the scripts:
+``checkpoints/meta_prune/splits/`` under their output folder) and reused.
 """
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Hashable, Sequence
 
-from utils.checkpoint import save_text
-from utils.config import CHECKPOINT_DIR, UserError
+from utils.files import save_text
+
+from .errors import DataError
 
 SPLIT_SEED = 0
-SPLIT_DIR = CHECKPOINT_DIR / "splits"
 
 
-def split_path(dataset: str, source: str, per_class: int) -> Path:
-    """Where the split of ``source`` (a data root, or a digest of the data) with ``per_class`` images is kept."""
+def split_path(folder: Path, dataset: str, source: str, per_class: int) -> Path:
+    """Where in ``folder`` the split of ``source`` (a data root, or a digest of the data) with
+    ``per_class`` images is kept."""
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
-    return SPLIT_DIR / f"{dataset}_{digest}_subval{per_class}.json"
+    return folder / f"{dataset}_{digest}_subval{per_class}.json"
 
 
 def draw(keys: Sequence[Hashable], targets: Sequence[int], classes: Sequence[str], per_class: int) -> list:
@@ -35,7 +37,7 @@ def draw(keys: Sequence[Hashable], targets: Sequence[int], classes: Sequence[str
     for t, name in enumerate(classes):
         have = len(by_class[t])
         if have <= per_class:
-            raise UserError(f"class '{name}' has {have} training images; the sub-validation split needs more than "
+            raise DataError(f"class '{name}' has {have} training images; the sub-validation split needs more than "
                             f"--val-per-class {per_class} (lower --val-per-class or add images)")
         picked += rng.sample(by_class[t], per_class)
     return picked
@@ -51,10 +53,10 @@ def load_or_draw(path: Path, keys: Sequence[Hashable], targets: Sequence[int], c
             saved = json.loads(path.read_text())
             held = [k if isinstance(k, int) else str(k) for k in saved["subval"]]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise UserError(f"sub-validation split {path} is unreadable; delete it to draw it again") from None
+            raise DataError(f"sub-validation split {path} is unreadable; delete it to draw it again") from None
         missing = [k for k in held if k not in known]
         if missing or len(held) != per_class * len(classes):
-            raise UserError(f"sub-validation split {path} does not match the data (e.g. {missing[:1]} is gone); "
+            raise DataError(f"sub-validation split {path} does not match the data (e.g. {missing[:1]} is gone); "
                             f"delete it to draw a new split")
         return set(held), None
     held = draw(keys, targets, classes, per_class)

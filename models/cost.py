@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .gene import SCALES, Gene
-from .layers import IMAGE_CHANNELS, IMAGE_SLOT, ArchSpec, conv_out_size
+from .pruningnet import IMAGE_CHANNELS, IMAGE_SLOT, ArchSpec, conv_out_size
 from .registry import MAX_WIDTH_MULT, get_family, small_input_for
 
 _SCALES_NP = np.array(SCALES)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
            "mparams": round(cost.params / 1e6, 3)}
     table = channel_table(model.spec, gene, args.num_classes)
     if args.ptflops:
-        from .layers import PrunedNet
+        from .pruningnet import PrunedNet
 
         out["ptflops_macs"] = ptflops_macs(PrunedNet(model.spec, gene, args.num_classes), args.input_size)
     if args.json:

@@ -7,7 +7,7 @@ width of bottleneck k, whose full width is the block's *input* base channels tim
 from __future__ import annotations
 
 from .gene import GeneLayout, OfficialForm
-from .layers import IMAGE_SLOT, ArchSpec, BlockSpec, ConvSpec, PrunedNet, PruningNet
+from .pruningnet import IMAGE_SLOT, ArchSpec, BlockSpec, ConvSpec, PrunedNet, PruningNet
 from .registry import register_family, register_model
 
 # t (expansion), c (output channels), n (repeats), s (first stride); first row is the stem conv,

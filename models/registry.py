@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from .gene import GeneLayout
-from .layers import ArchSpec
+from .pruningnet import ArchSpec
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILIES: dict[str, "Family"] = {}

@@ -8,7 +8,7 @@ writes the same gene without ``stage4`` (20 ids); both forms parse.
 from __future__ import annotations
 
 from .gene import GeneLayout, OfficialForm
-from .layers import IMAGE_SLOT, ArchSpec, BlockSpec, ConvSpec, PrunedNet, PruningNet
+from .pruningnet import IMAGE_SLOT, ArchSpec, BlockSpec, ConvSpec, PrunedNet, PruningNet
 from .registry import register_family, register_model
 
 STEM_CHANNELS = 64

@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a file, like the entry scripts: the project's packages are beside it
 
-from utils.config import Parser, UserError, run_script
+from utils.cli import Parser, UserError, run_script
 from utils.plot import read_replay, replay
-from utils.visdom_sink import local_server
+from utils.visdom_server import local_server
 
 TINY = ["--dataset", "imagenet", "--data-root", "img", "--width-mult", "0.125", "--input-size", "24",
         "--batch-size", "8", "--workers", "0", "--val-per-class", "4", "--recal-batches", "2"]

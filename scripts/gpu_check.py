@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import torch  # noqa: E402
+import torch
 
 CKPT = Path("checkpoints/meta_prune")
 MBV2_GENE = "[7,4,5,7,6,3,9,11,-1,19,4,9,11,9,9,6,10,3,6,3,7,5,17,8,8,11]"
@@ -109,7 +108,7 @@ class Checks:
 
 def same_weights(a: Path, b: Path) -> str:
     """Two checkpoints hold bit-identical model tensors."""
-    from utils import checkpoint
+    from app import checkpoint
 
     x, y = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
     different = [k for k in x if not torch.equal(x[k], y[k])]
@@ -237,8 +236,8 @@ def training_row(arch: str, device: torch.device, size: int, batch: int, steps: 
                  channels_last: bool, dense: bool = False) -> Row:
     """Images/s, peak memory and host syncs per step of the training scripts' PruningNet step (crop-aware,
     or with ``dense`` the ``--dense-generator-update`` path)."""
-    from throughput import training_step
-    from utils.engine import gene_for_step
+    from app.engine import gene_for_step
+    from benchmarks.throughput import training_step
 
     what = f"PruningNet training, {arch}, full width, {size} px, batch {batch}" + (f", {amp}" if amp else "") \
         + (", channels-last" if channels_last else "") + (", --dense-generator-update" if dense else "")
@@ -311,8 +310,8 @@ def skipped_first_step(device: str) -> str:
     import copy
     import types
 
+    from app.engine import build_optimizer
     from models import create_model
-    from utils.engine import build_optimizer
 
     torch.manual_seed(0)
     net = create_model("resnet50_prunednet", num_classes=5, width_mult=0.25, small_input=True).to(device)

@@ -10,9 +10,9 @@ from typing import Iterable
 
 import torch
 
+from app.engine import evaluate
 from data import DataBundle, decode, fixed_batches
 from models import Gene, PruningNet, recalibrate_bn
-from utils.engine import evaluate
 
 
 class CandidateEvaluator:

@@ -35,7 +35,7 @@ from torch import nn
 
 from models import ArchSpec, Gene, PrunedNet
 from models.gene import FULL_ID, channels
-from models.layers import _ACTIVATIONS, IMAGE_CHANNELS, IMAGE_SLOT, BlockSpec, ConvSpec, _ConvBN, conv_out_size
+from models.pruningnet import _ACTIVATIONS, IMAGE_CHANNELS, IMAGE_SLOT, BlockSpec, ConvSpec, _ConvBN, conv_out_size
 
 GRID = (0, 5, 10, 15, 20, 25, 30)
 VERSION = 2  # tables of another layout are refused, not misread
@@ -120,7 +120,7 @@ class LatencyTable:
         return (1 - a) * self._ms[j] + a * self._ms[j + 1]
 
     def save(self, path: Path) -> None:
-        from utils.checkpoint import save_text
+        from utils.files import save_text
 
         save_text(json.dumps(asdict(self)), path)
 

@@ -3,7 +3,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -11,11 +10,10 @@ from typing import Iterator
 # oversubscribed OpenMP threads make small ops tens of times slower.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
 

@@ -22,10 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from models import create_model, get_family  # noqa: E402
-from utils.crop_sgd import CropGradScaler, CropSGD  # noqa: E402
-from utils.engine import build_optimizer, gene_for_step, wrap_ddp  # noqa: E402
+from app.crop_sgd import CropGradScaler, CropSGD
+from app.engine import build_optimizer, gene_for_step, wrap_ddp
+from models import create_model, get_family
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT, global_state_kept
-from utils import config
+from utils import cli
 
 # --cpu: the scripts default to CUDA 0 where there is one; these tests mean the CPU (gloo, CPU timings,
 # bit-exact CPU results) on every machine. scripts/gpu_check.sh is where the CUDA paths run.
 TINY_DATA = ["--dataset", "imagenet", "--data-root", "img", "--width-mult", "0.125", "--input-size", "24",
              "--batch-size", "8", "--workers", "0", "--val-per-class", "4", "--cpu"]
 TINY_TRAIN = TINY_DATA + ["--recal-batches", "2"]
+SPLITS = Path("checkpoints/meta_prune/splits")  # where the scripts keep split files, under the working folder
 ENTRY_SCRIPTS = {"meta_trainer_exp.py", "meta_search_exp.py", "trainer_exp.py"}
 
 
@@ -48,7 +49,7 @@ def invoke(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     try:
         with global_state_kept(seed=None), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             os.chdir(cwd)
-            config.run_script(module.main, on_cpu(script, args))
+            cli.run_script(module.main, on_cpu(script, args))
     except SystemExit as e:
         code = e.code
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

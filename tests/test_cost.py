@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, random_gene
 
+from conftest import ROOT, random_gene
 from models import create_model, get_family
 from models.cost import cost_model, count_by_hooks, ptflops_macs
 from models.cost import main as cost_main

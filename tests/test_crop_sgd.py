@@ -1,4 +1,4 @@
-"""Crop-aware PruningNet training (utils/crop_sgd.py): the same SGD as the dense path, exactly."""
+"""Crop-aware PruningNet training (app/crop_sgd.py): the same SGD as the dense path, exactly."""
 import copy
 import json
 import os
@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from app.crop_sgd import CropGradScaler, CropSGD, step_map
+from app.engine import gene_for_step
 from conftest import ROOT
 from crop_lockstep import build, expand_crop_gradients, lockstep
 from models import create_model, get_family
-from utils.crop_sgd import CropGradScaler, CropSGD, step_map
-from utils.engine import gene_for_step
 
 FAMILIES = ["resnet50", "mobilenetv2"]
 TOLERANCE = 1e-5

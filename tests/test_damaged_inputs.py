@@ -6,9 +6,9 @@ import zipfile
 import pytest
 import torch
 
+from app import checkpoint
 from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, dry_run, invoke, snapshot
-from utils import checkpoint
-from utils.config import UserError
+from utils.cli import UserError
 
 CKPT = "checkpoints/meta_prune"
 PRUNINGNET = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from data import decode, fashion_mnist, fixed_batches, folder, get_data, make_loader
-from data.split import SPLIT_DIR
+from data.errors import DataError
 from data.synthetic import make_fashion_mnist, make_image_folder
-from utils.config import UserError
+from helpers import SPLITS
 
 
 @pytest.fixture
@@ -18,14 +18,14 @@ def image_root(tmp_path, monkeypatch):
 
 
 def test_subval_split_is_disjoint_stable_and_saved(image_root, tmp_path):
-    a = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    a = get_data("imagenet", str(image_root), 16, val_per_class=4, split_dir=SPLITS)
     train_paths = {p for p, _ in a.train.samples}
     sub_paths = {p for p, _ in a.subval.samples}
     assert len(sub_paths) == 12 and len(train_paths) == 18 and not train_paths & sub_paths
     assert [t for _, t in a.subval.samples].count(0) == 4  # per class
-    assert (tmp_path / a.split_file).is_file() and a.split_file.parent == SPLIT_DIR
+    assert (tmp_path / a.split_file).is_file() and a.split_file.parent == SPLITS
     saved = a.split_file.read_text()
-    b = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    b = get_data("imagenet", str(image_root), 16, val_per_class=4, split_dir=SPLITS)
     assert {p for p, _ in b.subval.samples} == sub_paths and a.split_file.read_text() == saved
     full = get_data("imagenet", str(image_root), 16, val_per_class=4, hold_out=False)
     assert len(full.train) == 30 and full.subval is None  # retraining uses all of train
@@ -33,32 +33,32 @@ def test_subval_split_is_disjoint_stable_and_saved(image_root, tmp_path):
 
 
 def test_deferred_split_is_written_only_when_asked(image_root):
-    a = get_data("imagenet", str(image_root), 16, val_per_class=4, defer_split=True)
+    a = get_data("imagenet", str(image_root), 16, val_per_class=4, defer_split=True, split_dir=SPLITS)
     assert not a.split_file.exists()  # a run that then stops on bad input leaves nothing behind
     a.save_split()
-    b = get_data("imagenet", str(image_root), 16, val_per_class=4, defer_split=True)
+    b = get_data("imagenet", str(image_root), 16, val_per_class=4, defer_split=True, split_dir=SPLITS)
     assert b.pending_split is None and [p for p, _ in b.subval.samples] == [p for p, _ in a.subval.samples]
 
 
 def test_split_is_redrawn_identically_without_its_file(image_root):
-    a = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    a = get_data("imagenet", str(image_root), 16, val_per_class=4, split_dir=SPLITS)
     a.split_file.unlink()
-    b = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    b = get_data("imagenet", str(image_root), 16, val_per_class=4, split_dir=SPLITS)
     assert [p for p, _ in a.subval.samples] == [p for p, _ in b.subval.samples]
 
 
 def test_split_file_that_no_longer_matches_is_an_error(image_root):
-    a = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    a = get_data("imagenet", str(image_root), 16, val_per_class=4, split_dir=SPLITS)
     victim = a.subval.samples[0][0]
     import os
     os.unlink(victim)
-    with pytest.raises(UserError, match="does not match the data"):
-        get_data("imagenet", str(image_root), 16, val_per_class=4)
+    with pytest.raises(DataError, match="does not match the data"):
+        get_data("imagenet", str(image_root), 16, val_per_class=4, split_dir=SPLITS)
 
 
 def test_too_few_images_per_class(image_root):
-    with pytest.raises(UserError, match="class 'class_000' has 10 training images.*--val-per-class 10"):
-        get_data("imagenet", str(image_root), 16, val_per_class=10)
+    with pytest.raises(DataError, match="class 'class_000' has 10 training images.*--val-per-class 10"):
+        get_data("imagenet", str(image_root), 16, val_per_class=10, split_dir=SPLITS)
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "no_val"])
@@ -71,12 +71,12 @@ def test_bad_data_root(tmp_path, monkeypatch, layout):
         make_image_folder(root, 2, 3, 1, 8)
         import shutil
         shutil.rmtree(root / "val")
-    with pytest.raises(UserError, match=r"--data-root .*(no train/|holds no images|no val/)"):
-        get_data("imagenet", str(root), 16)
+    with pytest.raises(DataError, match=r"--data-root .*(no train/|holds no images|no val/)"):
+        get_data("imagenet", str(root), 16, split_dir=SPLITS)
 
 
 def test_imagefolder_tensors_and_loader(image_root):
-    data = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    data = get_data("imagenet", str(image_root), 16, val_per_class=4, split_dir=SPLITS)
     x, y = data.train[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 3
     loader = make_loader(data.train, 4, True, 0, seed=1)
@@ -95,7 +95,7 @@ def test_decoded_sets_are_uint8_and_give_the_batches_of_torchvision_transforms(i
     from PIL import Image
     from torchvision import transforms as T
 
-    data = get_data("imagenet", str(image_root), 16, val_per_class=4)
+    data = get_data("imagenet", str(image_root), 16, val_per_class=4, split_dir=SPLITS)
     # the reference: torchvision's own float pipeline, image by image, straight from the files
     reference = T.Compose([T.Resize(18), T.CenterCrop(16), T.ToTensor(), T.Normalize(folder.MEAN, folder.STD)])
 
@@ -124,7 +124,7 @@ def fmnist_root(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_from_data_root(fmnist_root):
-    data = get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2)
+    data = get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2, split_dir=SPLITS)
     assert len(data.train) == 100 and len(data.subval) == 20 and len(data.val) == 30 and data.num_classes == 10
     x, y = next(iter(make_loader(data.train, 16, True, 0)))
     assert x.shape == (16, 3, 32, 32) and y.shape == (16,) and torch.equal(x[:, 0], x[:, 1])  # gray → 3 channels
@@ -155,9 +155,9 @@ def test_fashion_mnist_from_data_root(fmnist_root):
 
 
 def test_fashion_mnist_split_belongs_to_its_files(fmnist_root, tmp_path):
-    a = get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2)
+    a = get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2, split_dir=SPLITS)
     other = make_fashion_mnist(tmp_path / "other", train_per_class=13, test_per_class=3)
-    b = get_data("fashionmnist", str(other), 32, val_per_class=2)
+    b = get_data("fashionmnist", str(other), 32, val_per_class=2, split_dir=SPLITS)
     assert a.split_file != b.split_file and a.split_file.is_file() and b.split_file.is_file()
     assert len(b.train) == 110
 
@@ -167,8 +167,8 @@ def test_fashion_mnist_truncated_file(fmnist_root):
     data = gzip.decompress(path.read_bytes())
     with gzip.open(path, "wb") as f:
         f.write(data[:-5])
-    with pytest.raises(UserError, match="truncated IDX file"):
-        get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2)
+    with pytest.raises(DataError, match="truncated IDX file"):
+        get_data("fashionmnist", str(fmnist_root), 32, val_per_class=2, split_dir=SPLITS)
 
 
 def test_fashion_mnist_missing_names_all_three_ways(tmp_path, monkeypatch):
@@ -176,7 +176,7 @@ def test_fashion_mnist_missing_names_all_three_ways(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "nowhere")
     monkeypatch.setattr("torchvision.datasets.FashionMNIST.__init__",
                         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("network unreachable")))
-    with pytest.raises(UserError) as e:
-        get_data("fashionmnist", str(tmp_path / "empty"), 32)
+    with pytest.raises(DataError) as e:
+        get_data("fashionmnist", str(tmp_path / "empty"), 32, split_dir=SPLITS)
     msg = str(e.value)
     assert "apt-get install dataset-fashion-mnist" in msg and "--data-root" in msg and "internet" in msg

@@ -12,18 +12,19 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Subset
 
+import app.engine
 import data.folder
 import meta_trainer_exp
-import utils.engine
+from app import checkpoint, distributed
+from app.config import parse_args
+from app.distributed import Dist
+from app.engine import Trainer, process_seed
 from conftest import random_gene
 from data import DecodedBatches, get_data, make_loader
-from helpers import TINY_DATA, TINY_TRAIN, invoke, train
+from helpers import SPLITS, TINY_DATA, TINY_TRAIN, invoke, train
 from models import create_model, recalibrate_bn
 from search.evaluator import CandidateEvaluator, search_evaluator
-from utils import checkpoint, distributed
-from utils.config import UserError, parse_args
-from utils.distributed import Dist
-from utils.engine import Trainer, process_seed
+from utils.cli import UserError
 
 CKPT = "checkpoints/meta_prune"
 PRUNING = ["--arch", "mobilenetv2_pruningnet"]
@@ -84,7 +85,7 @@ def test_an_fp16_first_step_skipped_by_the_grad_scaler_leaves_sgd_exact():
     reference = copy.deepcopy(net)
     args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, depthwise_decay=True,
                                  dense_generator_update=False)
-    fused = utils.engine.build_optimizer(net, args)
+    fused = app.engine.build_optimizer(net, args)
     plain = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim > 1], "weight_decay": 1e-4},
                              {"params": [p for p in reference.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
                             lr=0.1, momentum=0.9, nesterov=True, foreach=False)
@@ -120,7 +121,7 @@ def test_fp16_steps_with_a_non_finite_loss_are_skipped_and_logged(work, monkeypa
 
 
 def test_fp16_loss_that_stays_non_finite_stops_training(work, monkeypatch):
-    monkeypatch.setattr(utils.engine, "FP16_OVERFLOW_STEPS", 2)
+    monkeypatch.setattr(app.engine, "FP16_OVERFLOW_STEPS", 2)
     fake_losses(monkeypatch, [1.0, float("inf"), float("nan")])
     r = invoke("meta_trainer_exp.py", *TINY_TRAIN, *PRUNING, "--epochs", "1", "--amp", "fp16", cwd=work)
     assert r.returncode == 1 and "the fp16 training loss has been non-finite for 2 steps in a row" in r.stderr
@@ -242,7 +243,7 @@ def host_reads(monkeypatch):
                 return
             yield batch
 
-    monkeypatch.setattr(utils.engine, "progress", loader)
+    monkeypatch.setattr(app.engine, "progress", loader)
     for name in ("sync_point", "log_step", "save"):
         monkeypatch.setattr(Trainer, name, paused(getattr(Trainer, name)))
     monkeypatch.setattr(Trainer, "end_epoch", paused(Trainer.end_epoch))
@@ -429,7 +430,7 @@ def test_resume_maps_the_checkpoint_and_lets_go_of_its_weights(trained, monkeypa
 
 def test_search_scoring_decodes_every_image_once_and_scores_as_streaming_does(work, monkeypatch, rng):
     monkeypatch.chdir(work)
-    bundle = get_data("imagenet", "img", 24, val_per_class=4)
+    bundle = get_data("imagenet", "img", 24, val_per_class=4, split_dir=SPLITS)
     torch.manual_seed(0)
     net = create_model("mobilenetv2_pruningnet", num_classes=3, width_mult=0.125, small_input=True)
     opened, original = [], data.folder.Image.open

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from app import checkpoint
+from app.engine import gene_for_step, wrap_ddp
 from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, invoke, read_jsonl
 from models import create_model, get_family
-from utils import checkpoint
-from utils.engine import gene_for_step, wrap_ddp
 
 CKPT = "checkpoints/meta_prune"
 TRAIN = ["--arch", "mobilenetv2_pruningnet", "--epochs", "1", "--lr", "0.05", "--vis-interval", "1",

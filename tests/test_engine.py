@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from app import checkpoint
+from app.engine import build_optimizer, check_resume, evaluate, gene_for_step, lr_factor
 from data import EpochSampler
 from models import create_model, get_family
 from models.gene import FULL_ID
-from utils import checkpoint
-from utils.config import UserError
-from utils.engine import build_optimizer, check_resume, evaluate, gene_for_step, lr_factor
+from utils.cli import UserError
 from utils.meters import correct_topk
 
 LOGITS = torch.tensor([[0.1, 0.9, 0.0],     # target 1: top-1

@@ -8,8 +8,7 @@ import torch
 
 from models import GeneLayout, get_family
 from models.cost import Cost, cost_model
-from search.evolution import (Budget, Feasibility, SearchState, crossover, init_state, mutate, run, sample_feasible,
-                              step)
+from search.evolution import Budget, Feasibility, SearchState, crossover, init_state, mutate, run, sample_feasible, step
 
 R50_NARROWEST_MACS = cost_model("resnet50")(get_family("resnet50").layout.narrowest()).macs
 

@@ -5,10 +5,10 @@ import signal
 import pytest
 import torch
 
+from app import checkpoint
 from conftest import global_state_kept
 from helpers import TINY_TRAIN, invoke
 from models import get_family
-from utils import checkpoint
 
 
 def test_process_wide_state_is_put_back(tmp_path):

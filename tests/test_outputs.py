@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import meta_search_exp
+from app import checkpoint
 from conftest import ROOT
 from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, invoke, snapshot, train
-from utils import checkpoint
 
 CKPT = "checkpoints/meta_prune"
 PRUNINGNET = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
@@ -164,7 +164,7 @@ def test_resume_with_fewer_epochs_than_done_is_refused(work):
 
 
 def test_mid_epoch_resume_under_a_batch_size_that_cannot_reach_the_same_sample_is_refused(work, monkeypatch):
-    from utils.engine import Trainer
+    from app.engine import Trainer
 
     original = Trainer.save
 

@@ -6,13 +6,13 @@ import json
 import pytest
 
 import meta_search_exp
+from app import checkpoint
+from app.config import run_files
 from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import dry_run, invoke
 from models import get_family
 from models.cost import cost_model
-from utils import checkpoint
-from utils.config import run_files
 
 PAPER = ROOT / "experiments/imagenet/paper"
 # the MetaPruning rows of the official README's tables: (family, row)

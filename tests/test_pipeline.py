@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import pipeline
+from app import checkpoint
 from data import get_data, make_loader
 from data.synthetic import make_fashion_mnist
 from models import get_family
 from models.cost import cost_model
-from utils import checkpoint
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "mobilenetv2"])

@@ -16,7 +16,7 @@ from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, assert_one_line_error, invoke, read_jsonl
 from utils import plot
-from utils.config import UserError
+from utils.cli import UserError
 
 
 def step(epoch: int, s: int, loss: float = 1.0) -> dict:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from app.engine import Trainer, build_optimizer, lr_factor
 from data import folder
 from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, dry_run, invoke, train
 from models import create_model
 from search.evaluator import CandidateEvaluator
-from utils.engine import Trainer, build_optimizer, lr_factor
 
 TINY = dict(num_classes=5, width_mult=0.25, small_input=True)
 

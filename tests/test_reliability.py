@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
+from app import checkpoint
 from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, invoke
-from utils import checkpoint
 
 CKPT = "checkpoints/meta_prune"
 RUN = ["--arch", "mobilenetv2_pruningnet", "--epochs", "2", "--lr", "0.05", "--deterministic",

@@ -1,15 +1,12 @@
 """The reproduction benchmark's own pieces: the proxy-quality genes, Kendall's tau, reuse of earlier results."""
 import json
-import sys
 from dataclasses import asdict, replace
 
 import pytest
-from conftest import ROOT
+
+from benchmarks.reproduce import ReusingPipeline, earlier_results, kendall_tau, spread_genes
 from data.synthetic import make_fashion_mnist
 from pipeline import QUICK, Pipeline
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from reproduce import ReusingPipeline, earlier_results, kendall_tau, spread_genes  # noqa: E402
 
 
 def test_tau_genes_are_distinct_and_cover_the_range(tmp_path):

@@ -1,4 +1,4 @@
-"""PruningNet training options --sandwich N and --distill (utils/engine.py GeneSchedule, Trainer.train_step)."""
+"""PruningNet training options --sandwich N and --distill (app/engine.py GeneSchedule, Trainer.train_step)."""
 import argparse
 import copy
 import os
@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils.engine
+import app.engine
+from app import checkpoint
+from app.distributed import Dist
+from app.engine import GeneSchedule, Trainer, gene_for_step
 from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import TINY_TRAIN, assert_one_line_error, invoke, read_jsonl, train
 from models import create_model, get_family
-from utils import checkpoint
-from utils.distributed import Dist
-from utils.engine import GeneSchedule, Trainer, gene_for_step
 from utils.logger import RunLogger
 
 CKPT = "checkpoints/meta_prune"
@@ -57,7 +57,7 @@ def test_distillation_teaches_every_gene_but_the_widest_with_the_widests_predict
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
     genes = trainer.schedule.genes(0)
     soft, hard = [], []
-    monkeypatch.setattr(utils.engine, "soft_cross_entropy",
+    monkeypatch.setattr(app.engine, "soft_cross_entropy",
                         lambda out, teacher: soft.append((out.detach(), teacher)) or -(teacher * out.log_softmax(1)).sum(1).mean())
     criterion = trainer.criterion
     trainer.criterion = lambda out, target: hard.append((out.detach(), target)) or criterion(out, target)
@@ -81,7 +81,7 @@ def test_distillation_teaches_every_gene_but_the_widest_with_the_widests_predict
 def test_a_sandwich_step_adds_up_the_gradients_of_its_genes():
     trainer = tiny_trainer({"sandwich": 1})
     reference = copy.deepcopy(trainer.model)
-    opt = utils.engine.build_optimizer(reference, argparse.Namespace(**{**vars(trainer.args),
+    opt = app.engine.build_optimizer(reference, argparse.Namespace(**{**vars(trainer.args),
                                                                         "dense_generator_update": True}))
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
     genes = trainer.schedule.genes(0)

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 import meta_search_exp
+from app import checkpoint
+from app.config import parse_args
+from app.distributed import Dist
 from conftest import ROOT
 from data import get_data, make_loader
 from data.synthetic import make_image_folder
-from helpers import TINY_DATA, assert_one_line_error, dry_run, invoke
+from helpers import SPLITS, TINY_DATA, assert_one_line_error, dry_run, invoke
 from models import create_model, get_family
 from models.cost import cost_model, count_by_hooks
 from search import evolution, latency
 from search.evaluator import CandidateEvaluator
-from utils import checkpoint
-from utils.config import parse_args
-from utils.distributed import Dist
 
 CKPT = "checkpoints/meta_prune"
 PRUNINGNET = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
@@ -168,7 +168,7 @@ def test_export_loads_with_models_only_and_matches_the_score(work, monkeypatch):
     assert MBV2.format(tuple(state["gene"])) == best[:-1]
     assert state["channels"][-1]["layer"] == "classifier"
     monkeypatch.chdir(work)  # the sub-validation split file lives under the run's working directory
-    data = get_data("imagenet", "img", 24, val_per_class=4)
+    data = get_data("imagenet", "img", 24, val_per_class=4, split_dir=SPLITS)
     net.eval()
     with torch.no_grad():  # top-1 by hand: argmax of the exported network's logits
         right = [(net(x).argmax(1) == y).sum().item() for x, y in make_loader(data.subval, 8, False, 0)]

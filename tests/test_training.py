@@ -11,13 +11,13 @@ import termios
 import pytest
 import torch
 
-from data import fixed_batches, get_data, make_loader
+from app import checkpoint
+from app.engine import Trainer
 from conftest import ROOT
-from helpers import TINY_DATA, TINY_TRAIN, invoke, read_jsonl, run_script, train
+from data import fixed_batches, get_data, make_loader
+from helpers import SPLITS, TINY_DATA, TINY_TRAIN, invoke, read_jsonl, run_script, train
 from models import get_family
 from search.evaluator import CandidateEvaluator
-from utils import checkpoint
-from utils.engine import Trainer
 
 CKPT = "checkpoints/meta_prune"
 
@@ -36,7 +36,7 @@ def test_pruningnet_epoch_checkpoint_rebuilds_model(work, family, monkeypatch):
     assert set(state["metrics"]) == {"top1", "top1_widest", "top1_middle", "top1_narrowest"}
     # --valuate scores the probe genes exactly as the search scores a candidate: recalibrated BN, sub-val split
     monkeypatch.chdir(work)
-    data = get_data("imagenet", "img", 24, val_per_class=4)
+    data = get_data("imagenet", "img", 24, val_per_class=4, split_dir=SPLITS)
     evaluator = CandidateEvaluator(checkpoint.build_model(state), fixed_batches(data.train_eval, 2, 8, 0),
                                    make_loader(data.subval, 8, False, 0), torch.device("cpu"))
     layout = get_family(family).layout
@@ -85,7 +85,7 @@ def test_prunednet_from_gene_and_inherit(trained):
 def test_interrupted_run_resumes_exactly(work, monkeypatch):
     args = ["--arch", "resnet50_pruningnet", "--epochs", "3", "--valuate", "--lr", "0.05", "--warmup-epochs", "1"]
     train(work, *args, "--suffix", "_straight")
-    from utils.engine import Trainer
+    from app.engine import Trainer
 
     original, calls = Trainer.train_one_epoch, []
 
@@ -155,7 +155,7 @@ def test_resume_that_does_not_fit_the_run_is_one_line_and_writes_nothing(work):
 
 
 def test_mid_epoch_checkpoint_resumes_after_the_same_samples_with_another_batch_size(work, monkeypatch):
-    from utils.engine import Trainer
+    from app.engine import Trainer
 
     original, saves = Trainer.save, []
 

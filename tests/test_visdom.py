@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import itertools
 import json
 import shutil
 import socket
@@ -26,7 +25,8 @@ from models import get_family
 from models.cost import cost_model
 from utils import plot
 from utils.logger import RunLogger
-from utils.visdom_sink import Dashboard, VisdomSink, free_port, local_server, make_sink, merged
+from utils.visdom_server import free_port, local_server
+from utils.visdom_sink import Dashboard, VisdomSink, make_sink, merged
 
 CKPT = "checkpoints/meta_prune"
 PRUNINGNET = "imagenet_mobilenetv2_pruningnet"
@@ -284,29 +284,27 @@ def test_run_resumed_early_in_epoch_0_appends(images, client):
     assert plot.last_run(rows) == rows  # the resumed run continues the fresh one
 
 
-def test_each_run_says_whether_it_resumed(tmp_path):
-    """make_sink reads it from the script's own resume flag (a search's --resume is its PruningNet)."""
-    import meta_search_exp
-    import meta_trainer_exp
+def test_each_run_says_whether_it_resumed(trained):
+    """Each script tells its sink from its own resume flag (a search's --resume is its PruningNet)."""
+    def run_rows(log: str) -> list[bool]:
+        return [row["resumed"] for row in read_jsonl(trained / "logs" / log) if row["kind"] == "run"]
 
-    names = itertools.count()
-
-    def first_rows(args: argparse.Namespace) -> list[dict]:
-        log = tmp_path / f"{next(names)}.txt"
-        logger = RunLogger(log, sink=make_sink(args, log.stem, log))
-        logger.record("step", **{k: v for k, v in step_row(0, 1).items() if k != "kind"})
-        logger.close()
-        return [{k: v for k, v in row.items() if k in ("kind", "resumed")} for row in read_jsonl(log.with_suffix(".jsonl"))]
-
-    train, search = meta_trainer_exp.get_args_parser(), meta_search_exp.get_args_parser()
-    assert first_rows(train.parse_args([])) == [run_row(False), {"kind": "step"}]
-    assert first_rows(train.parse_args(["--resume", "x.pth.tar"])) == [run_row(True), {"kind": "step"}]
-    assert first_rows(train.parse_args(["--search-resume", "s.pth.tar"]))[0] == run_row(False)  # a gene's search
-    assert first_rows(search.parse_args(["--resume", "pruningnet.pth.tar"]))[0] == run_row(False)
-    assert first_rows(search.parse_args(["--resume", "p.pth.tar", "--search-resume", "s.pth.tar"]))[0] == run_row(True)
-    quiet = RunLogger(tmp_path / "nothing.txt", sink=make_sink(train.parse_args([]), "nothing", tmp_path / "nothing.txt"))
+    pruningnet = "checkpoints/meta_prune/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "mobilenetv2_pruningnet", "--epochs", "2", "--resume",
+               pruningnet, cwd=trained)
+    assert r.returncode == 0, r.stderr
+    assert run_rows("imagenet_mobilenetv2_pruningnet.jsonl") == [False, True]
+    search = [*TINY_TRAIN, "--arch", "mobilenetv2_pruningnet", "--resume", pruningnet, "--population", "4",
+              "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1"]
+    for epochs, extra in (("1", []), ("2", ["--search-resume", "checkpoints/meta_prune/MetaPruneSearch_mobilenetv2_"
+                                                               "pruningnet_flops0_checkpoint.pth.tar"])):
+        r = invoke("meta_search_exp.py", *search, "--epochs", epochs, *extra, cwd=trained)
+        assert r.returncode == 0, r.stderr
+    assert run_rows("MetaPruneSearch_mobilenetv2_pruningnet_flops0.jsonl") == [False, True]
+    quiet = RunLogger(trained / "nothing.txt", sink=make_sink(argparse.Namespace(visdom=False), "nothing",
+                                                              trained / "nothing.txt", "env", resumed=False))
     quiet.close()  # a run that failed before its first record leaves no start that would hide the run before it
-    assert (tmp_path / "nothing.jsonl").read_text() == ""
+    assert (trained / "nothing.jsonl").read_text() == ""
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 import requests
 from matplotlib.figure import Figure
 
-from .config import Parser, UserError, run_script
+from .cli import Parser, UserError, run_script
 from .logger import run_start
 
 MAX_DPI = 1000  # an 11 x 7 inch figure is then 11,000 x 7,000 pixels

@@ -184,7 +184,7 @@ class _CropGeneration(torch.autograd.Function):
 
 
 class CropOwner(Protocol):
-    """What updates a ``GeneratedConv``'s matrices by crop (``utils.crop_sgd.CropSGD``)."""
+    """What updates a ``GeneratedConv``'s matrices by crop (``app.crop_sgd.CropSGD``)."""
 
     def catch_up(self, conv: "GeneratedConv", cout: int, cin: int) -> None:
         """Bring the ``[:cout, :cin]`` corner of ``conv``'s matrices up to date."""

@@ -24,15 +24,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models import Gene, GeneLayout
-from models.layers import GeneratedConv
+from models.pruningnet import GeneratedConv
+from utils.files import save_text
+from utils.logger import RunLogger, progress
+from utils.meters import correct_topk
 
 from . import checkpoint
 from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_files, run_name
 from .crop_sgd import CropGradScaler, CropSGD
 from .distributed import Dist, all_gather, barrier, cleanup, sum_over_processes
-from .logger import RunLogger, progress
-from .meters import correct_topk
-
 
 # fp16 steps in a row with a non-finite loss after which training stops: each was skipped and halved
 # the loss scale, so by then the overflow is in the forward pass, where the scale cannot help.
@@ -371,7 +371,7 @@ class Trainer:
         else:
             torch.manual_seed(process_seed(args.seed, self.dist.rank))
         if self.dist.main:
-            checkpoint.save_text(json.dumps(vars(args), indent=1, sort_keys=True),
+            save_text(json.dumps(vars(args), indent=1, sort_keys=True),
                                  CHECKPOINT_DIR / f"{run_name(args)}_config.json")
         with StopRequests() as stop:
             while self.epoch < args.epochs:
@@ -576,8 +576,7 @@ def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data,
     """What both training scripts do once model and data exist and the input is checked: the
     loader, the split file and the logger (rank 0), the epoch loop, and leaving the process group."""
     from data import make_loader
-
-    from .visdom_sink import make_sink
+    from utils.visdom_sink import make_sink
 
     loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, dist_info.rank,
                          dist_info.world_size, pin_memory=device.type == "cuda")
@@ -592,7 +591,8 @@ def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data,
             checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
             data.save_split()
         logger = RunLogger(path, enabled=dist_info.main,
-                           sink=make_sink(args, path.stem, path) if dist_info.main else None)
+                           sink=make_sink(args, path.stem, path, run_name(args), bool(args.resume))
+                           if dist_info.main else None)
         logger.info(f"config {json.dumps(vars(args), sort_keys=True)}")
         logger.info(summary)
         try:

@@ -15,35 +15,23 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from models import MAX_INPUT_SIZE, MAX_WIDTH_MULT, MIN_INPUT_SIZE, list_models, small_input_for
+from utils.cli import Parser, ReportedError, UserError
 
 DATASETS = ("imagenet", "fashionmnist")
 DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashionmnist": 32}
 CHECKPOINT_DIR = Path("checkpoints/meta_prune")
 LOG_DIR = Path("logs")
+SPLIT_DIR = CHECKPOINT_DIR / "splits"
 MAX_WORKERS = 256  # loader processes per training process
 
 
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit status 2, nothing written."""
-
-
-class TrainingStopped(Exception):
+class TrainingStopped(ReportedError):
     """Training cannot go on (e.g. a non-finite loss): one line, exit status 1, last good checkpoint kept."""
 
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump) and which spells flags both ways."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(message)
-
-    def flag(self, *names: str, **kwargs: Any) -> argparse.Action:
-        """Add a flag under its hyphen and underscore spellings (``--batch-size``, ``--batch_size``)."""
-        spelled = list(names) + ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--")]
-        return self.add_argument(*dict.fromkeys(spelled), **kwargs)
+    exit_status = 1
 
 
 def gene_literal(value: Any) -> list:
@@ -276,21 +264,6 @@ def log_path(args: argparse.Namespace) -> Path:
 def dump(args: argparse.Namespace) -> str:
     """The resolved config as one JSON object (argparse dests as keys)."""
     return json.dumps(vars(args), sort_keys=True)
-
-
-def run_script(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run an entry script: user mistakes become one line on stderr and exit status 2.
-
-    ``METAPRUNE_DEBUG=1`` re-raises instead, for a traceback.
-    """
-    prog = Path(sys.argv[0]).name
-    try:
-        main(argv)
-    except (UserError, TrainingStopped) as e:
-        if os.environ.get("METAPRUNE_DEBUG"):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 def add_training_args(p: Parser) -> None:

@@ -1,7 +1,7 @@
 """The one checkpoint helper: atomic writes, safe loads, and models rebuilt from the file alone.
 
-Every file is written to a temporary name in the target directory, flushed, fsynced and then
-``os.replace``d over the target, so a crash at any moment leaves the previous good file. Loading
+Every file is written atomically (``utils.files.atomic_write``), so a crash at any moment leaves
+the previous good file. Loading
 uses ``torch.load(weights_only=True)``: checkpoints hold tensors and plain Python types only, so a
 file carrying pickled code is refused instead of executed. A file damaged anywhere (a checksum of
 the archive, its pickle, the fields its kind needs) is one ``UserError`` naming it.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import mmap as mmap_module
 import os
 import pickle
@@ -21,15 +20,15 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from models import create_model, get_family, is_pruningnet, list_models
 from search.evolution import SearchState
-
-from .config import UserError
+from utils.cli import UserError
+from utils.files import atomic_write
 
 FORMAT = "metaprune"
 MODEL, SEARCH = "model", "search"
@@ -43,56 +42,7 @@ OPTIONAL_FIELDS = {MODEL: {"epoch": int, "step_in_epoch": int, "samples_in_epoch
 MODEL_ARGS = {"num_classes": int, "width_mult": (int, float), "small_input": bool}
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 _HOST = socket.gethostname()
-
-
-def _temp_owner_gone(tmp: Path) -> bool:
-    """Whether the process that wrote temporary file ``tmp`` (``.NAME.HOST.PID.*.tmp``) is gone.
-
-    Only temporary files of this host are judged: under torchrun several processes, possibly on
-    other machines sharing the folder, may be writing at the same moment.
-    """
-    parts = tmp.name.rsplit(".", 4)
-    if len(parts) != 5 or parts[1] != _HOST or not parts[2].isdigit():
-        return False
-    try:
-        os.kill(int(parts[2]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
-            if _temp_owner_gone(stale):
-                stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # as an ordinary write would: mkstemp makes files private (0600)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; run from a writable directory") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous file is kept") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def check_writable(*folders: Path) -> None:
@@ -146,17 +96,13 @@ def run_lock(folder: Path, name: str) -> Iterator[None]:
 
 def save(state: dict[str, Any], path: str | Path) -> None:
     """Write a checkpoint atomically (``state`` must hold only tensors and plain types)."""
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
-
-
-def save_text(text: str, path: str | Path) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def copy(src: str | Path, dst: str | Path) -> None:
     """Atomically copy a finished checkpoint (``_best`` is only ever a complete file)."""
     with open(src, "rb") as f:
-        _atomic_write(Path(dst), lambda out: shutil.copyfileobj(f, out))
+        atomic_write(Path(dst), lambda out: shutil.copyfileobj(f, out))
 
 
 def load(path: str | Path, kind: str | None = None, flag: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:

@@ -13,7 +13,7 @@ optimizer's ``state_dict``. The bookkeeping is the window step at which each (ou
 last brought up to date, per generator matrix.
 
 The gradients never exist at full size: the backward hands each generator a ``CropGrad``
-(``models.layers``), the generated weight's gradient ``dw`` and the generator's hidden activation, whose
+(``models.pruningnet``), the generated weight's gradient ``dw`` and the generator's hidden activation, whose
 outer product is the corner's gradient; it is built chunk by chunk inside the step. Under torchrun every
 process trains the same gene, so only the ``dw`` are averaged (``all_reduce_crop_gradients``), in one
 flat buffer: ``h`` (32 or 64) times fewer values than the corners.
@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from models.layers import CropGrad, GeneratedConv
+from models.pruningnet import CropGrad, GeneratedConv
 
 # Elements per chunk of a CPU update: a chunk's weights, momentum and gradient stay in the cache while
 # the passes of the update run over them.

@@ -1,0 +1,1 @@
+"""Benchmarks and the small-scale reproduction; each module runs as a script (its docstring says how)."""

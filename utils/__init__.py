@@ -1,0 +1,1 @@
+"""Small utilities: one-line command-line errors, atomic files, logging, meters, plots and visdom."""
