@@ -9,29 +9,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import random
-import signal
 import sys
 import time
-from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from app import checkpoint
-from app.config import CHECKPOINT_DIR, LOG_DIR, SPLIT_DIR, add_common_args, check_log_file, dump, parse_args, run_name
-from app.distributed import Dist, all_gather, any_process, barrier, cleanup, setup
+from app.config import (add_common_args, add_recalibration_args, check_log_file, checkpoint_dir, dump, parse_args,
+                        run_name, spelled_number, spelling, split_dir)
+from app.distributed import Dist, barrier, cleanup, setup
 from app.engine import StopRequests
 from data import get_data
-from models import Gene, get_family, is_pruningnet, recalibrate_bn
-from models.cost import channel_table, cost_model, format_table
-from search import evolution, latency
-from search.evaluator import CandidateEvaluator, search_evaluator
-from utils.cli import Parser, UserError, run_script
+from models import Gene, get_family, is_pruningnet
+from models.cost import CostModel, channel_table, cost_model, format_table
+from search import evolution, latency, record
+from search.driver import SearchRun
+from search.evaluator import search_evaluator
+from utils.cli import Parser, UserError, positive_int, run_script
 from utils.logger import RunLogger
 from utils.visdom_sink import make_sink
 
@@ -43,24 +40,24 @@ def get_args_parser() -> Parser:
     p.flag("--resume", default=None, help="trained PruningNet checkpoint (its _best.pth.tar)")
     p.flag("--search-resume", default=None, help="continue this search checkpoint (same settings, --epochs at "
                                                  "least its iterations)")
-    p.flag("--flops", type=float, default=0.0, help="MACs budget in MMac at this run's input size (0 = none)")
+    p.flag("--flops", type=spelled_number, default=0.0,
+           help="MACs budget in MMac at this run's input size (0 = none); the search's files are named after it as "
+                "written")
     p.flag("--min-flops", type=float, default=0.0, help="lower MACs bound in MMac (0 = none)")
     p.flag("--params", type=float, default=0.0, help="parameter budget in millions (0 = none)")
     p.flag("--latency", type=float, default=0.0, help="latency budget in ms from the lookup table (0 = none)")
     p.flag("--build-lut", action="store_true", help="measure the latency table on this device first "
                                                      "(then search only if --latency is given)")
     p.flag("--lut", default=None, help="latency table path (default checkpoints/meta_prune/latency_{...}.json)")
-    p.flag("--lut-batch", type=int, default=1, help="batch size the latency table is measured at")
-    p.flag("--lut-repeats", type=int, default=20, help="timed runs per table entry (the fastest is kept)")
+    p.flag("--lut-batch", type=positive_int, default=1, help="batch size the latency table is measured at")
+    p.flag("--lut-repeats", type=positive_int, default=20, help="timed runs per table entry (the fastest is kept)")
     p.flag("--flops-arch", default=None, help="the PrunedNet arch whose cost is budgeted (default: --arch's family)")
     p.flag("--population", type=int, default=50)
     p.flag("--select-num", type=int, default=10, help="top-k parents kept every iteration")
     p.flag("--mutation-num", type=int, default=25)
     p.flag("--crossover-num", type=int, default=25)
     p.flag("--mutation-prob", type=float, default=0.1, help="per-position probability of a new id")
-    p.flag("--recal-batches", type=int, default=20, help="training batches for BN recalibration")
-    p.flag("--recal-batch-size", type=int, default=None,
-           help="images per recalibration batch (default --batch-size); MetaPruning's search: 100 batches of 1000")
+    add_recalibration_args(p, 20, "every candidate")
     p.flag("--log", default=None, help="human-readable search log (default logs/MetaPruneSearch_{arch}_flops{N}"
                                        "{suffix}.txt)")
     return p
@@ -70,22 +67,15 @@ def _validate(args: argparse.Namespace) -> None:
     if not is_pruningnet(args.arch):
         raise UserError(f"--arch must be a PruningNet (resnet50_pruningnet or mobilenetv2_pruningnet), got {args.arch}")
     family = get_family(args.arch).layout.family
-    if args.flops_arch is None:
-        args.flops_arch = f"{family}_prunednet"
-    elif args.flops_arch != f"{family}_prunednet":
+    if args.flops_arch not in (None, f"{family}_prunednet"):
         raise UserError(f"--flops-arch {args.flops_arch}: the search over {args.arch} costs {family}_prunednet")
     for name in ("flops", "min_flops", "params", "latency"):
         if getattr(args, name) < 0 or not math.isfinite(getattr(args, name)):
             raise UserError(f"--{name.replace('_', '-')} must be 0 (no bound) or positive, got {getattr(args, name)}")
     for name, unit in (("flops", "MAC"), ("params", "parameter")):
-        if getattr(args, name) and not millionths(getattr(args, name), round_up=False):
+        if getattr(args, name) and not record.millionths(getattr(args, name), round_up=False):
             raise UserError(f"--{name} {getattr(args, name)} is below 1 {unit} (0.000001 M); give 0 for no "
                             f"limit or a budget of at least 0.000001")
-    recal_size = 1 if args.recal_batch_size is None else args.recal_batch_size
-    if min(args.recal_batches, recal_size, args.lut_batch, args.lut_repeats) < 1:
-        raise UserError(f"--recal-batches, --recal-batch-size, --lut-batch and --lut-repeats must be positive "
-                        f"integers, got {args.recal_batches}, {args.recal_batch_size}, {args.lut_batch} and "
-                        f"{args.lut_repeats}")
     if args.log:
         check_log_file(args.log, "--log")
     if not (args.resume or args.search_resume or args.dry_run):
@@ -97,115 +87,61 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(str(e).replace("_num", "-num").replace("mutation_prob", "mutation-prob")) from None
 
 
-def millionths(value: float, round_up: bool) -> int:
-    """``value`` millions as a whole count (MMac → MACs, M → params), from its decimal spelling.
-
-    ``Decimal(repr(value))`` keeps what was typed (``0.3`` is 300000, not 299999.99...); upper
-    bounds round down and lower bounds up, because costs are whole numbers.
-    """
-    units = Decimal(repr(value)) * 1_000_000
-    return math.ceil(units) if round_up else math.floor(units)
+def derive(args: argparse.Namespace) -> dict:
+    """The values the flags fix: the PrunedNet arch whose cost is budgeted, and the ``--flops`` budget
+    as written (the search's file names)."""
+    return {"flops_arch": args.flops_arch or f"{get_family(args.arch).layout.family}_prunednet",
+            "flops_name": spelling(args.flops)}
 
 
-def budget_spelling(args: argparse.Namespace, argv: list[str]) -> str:
-    """The ``--flops`` budget as the user wrote it, for file names: ``1500``, ``300.0``, ``0`` (none).
-
-    From the command line (``--flops 300.0`` or ``--flops=300.0``, the last one wins as in
-    argparse), else from the ``--json`` file's number as written there, else the default.
-    """
-    given = None
-    for i, arg in enumerate(argv):
-        if arg == "--flops" and i + 1 < len(argv):
-            given = argv[i + 1]
-        elif arg.startswith("--flops="):
-            given = arg.split("=", 1)[1]
-    if given is None and args.json:
-        # the number's own text: as floats, 300.00 would come back as 300.0 and 1e3 as 1000.0
-        raw = json.loads(Path(args.json).read_text(), parse_float=str, parse_int=str)
-        given = raw.get("flops")
-    return given.strip() if given is not None else f"{args.flops:g}"
-
-
-@dataclass(frozen=True)
-class SearchFiles:
-    """Where a search writes: named ``MetaPruneSearch_{arch}_flops{budget}{other budgets}{suffix}``."""
-
-    budget: str  # the --flops budget as spelled by the user
-    stem: str
-    checkpoint: Path
-    export: Path  # the best candidate as a standalone PrunedNet
-    log: Path
-
-
-def search_files(args: argparse.Namespace, argv: list[str]) -> SearchFiles:
-    """The search's files, named after every budget that changes its result (``--flops`` as written,
-    then ``--min-flops``, ``--params``, ``--latency`` when given) and ``--suffix``."""
-    budget = budget_spelling(args, argv)
-    others = "".join(f"_{name}{value:g}" for name, value in (("minflops", args.min_flops), ("params", args.params),
-                                                             ("latency", args.latency)) if value)
-    stem = f"MetaPruneSearch_{args.arch}_flops{budget}{others}{args.suffix}"
-    return SearchFiles(budget, stem, CHECKPOINT_DIR / f"{stem}_checkpoint.pth.tar",
-                       CHECKPOINT_DIR / f"{stem}_best_prunednet.pth.tar",
-                       Path(args.log) if args.log else LOG_DIR / f"{stem}.txt")
-
-
-def load_pruningnet(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The PruningNet of ``--resume`` and what identifies its weights (``checkpoint.identity``)."""
-    state = checkpoint.load(args.resume, checkpoint.MODEL, "--resume", mmap=True)
-    if state["arch"] != args.arch:
-        raise UserError(f"--resume {args.resume}: holds {state['arch']}, but --arch is {args.arch}")
-    if state.get("dataset") != args.dataset:
-        raise UserError(f"--resume {args.resume}: trained on {state.get('dataset')}, but --dataset is {args.dataset}")
+def load_pruningnet(cfg: argparse.Namespace, path: str) -> tuple[dict, dict]:
+    """The PruningNet checkpoint that scores the candidates, checked against the search, and the values
+    it fixes: the network's width and stem (``--width-mult`` may only repeat them)."""
+    state = checkpoint.load(path, checkpoint.MODEL, "--resume", mmap=True)
+    if state["arch"] != cfg.arch:
+        raise UserError(f"--resume {path}: holds {state['arch']}, but --arch is {cfg.arch}")
+    if state.get("dataset") != cfg.dataset:
+        raise UserError(f"--resume {path}: trained on {state.get('dataset')}, but --dataset is {cfg.dataset}")
     width = state["model_args"]["width_mult"]
-    if args.width_mult not in (None, width):
-        raise UserError(f"--width-mult {args.width_mult}: the PruningNet was trained at width {width}")
-    args.width_mult, args.small_input = width, state["model_args"]["small_input"]
-    return checkpoint.build_model(state).to(device), checkpoint.identity(state)
+    if cfg.width_mult not in (None, width):
+        raise UserError(f"--width-mult {cfg.width_mult}: the PruningNet was trained at width {width}")
+    return state, {"width_mult": width, "small_input": state["model_args"]["small_input"]}
 
 
-def latency_path(args: argparse.Namespace, device: torch.device) -> Path:
-    if args.lut:
-        return Path(args.lut)
-    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
-    family = get_family(args.arch).layout.family
-    return CHECKPOINT_DIR / f"latency_{family}_{name}_{args.input_size}px_w{args.width_mult:g}_bs{args.lut_batch}.json"
-
-
-def build_latency_table(args: argparse.Namespace, net, device: torch.device, path: Path, logger: RunLogger) -> None:
-    """Measure the latency table on this device, check it against whole-network timings, save it."""
-    logger.info(f"measuring the latency table on {device} (batch {args.lut_batch}) ...")
-    table = latency.build(net.spec, args.input_size, net.num_classes, device, args.lut_batch, args.lut_repeats,
-                          width_mult=args.width_mult, small_input=args.small_input)
-    layout, rng = net.spec.layout, random.Random(args.seed)
-    # random genes only: the calibration already measured the uniform-width ones (full, narrowest, ...)
-    genes = [layout.sample(rng) for _ in range(8)]
-    table.validation = [{"gene": layout.format(g), "lut_ms": table(g, net.spec.bases),
-                         "measured_ms": latency.measure(net.materialize(g), args.input_size, device, args.lut_batch,
-                                                        args.lut_repeats)}
-                        for g in genes]
-    table.save(path)
-    errors = [abs(v["lut_ms"] / v["measured_ms"] - 1) * 100 for v in table.validation]
-    logger.info(f"latency table saved to {path}; LUT estimate vs measured end-to-end on {len(genes)} random genes: "
-                f"mean |error| {sum(errors) / len(errors):.1f}%, max {max(errors):.1f}%")
-    for v in table.validation:
-        logger.info(f"  lut {v['lut_ms']:.3f} ms, measured {v['measured_ms']:.3f} ms: {v['gene']}")
-
-
-def load_latency_table(args: argparse.Namespace, path: Path, net) -> latency.LatencyTable:
-    """The saved latency table, checked to be one of this search's network."""
-    where = f"--lut {path}" if args.lut else f"latency table {path}"
+def latency_table(cfg: argparse.Namespace, net, device: torch.device, dist_info: Dist,
+                  log_file: Path) -> latency.LatencyTable | None:
+    """The table ``--latency`` budgets with; with ``--build-lut`` rank 0 measures and saves it first,
+    then every process loads that one file (so all of them budget with the same numbers)."""
+    family = get_family(cfg.arch).layout.family
+    path = Path(cfg.lut) if cfg.lut else latency.default_path(checkpoint_dir(cfg), family, device, cfg.input_size,
+                                                              cfg.width_mult, cfg.lut_batch)
+    if cfg.build_lut:
+        if dist_info.main:
+            checkpoint.check_writable(checkpoint_dir(cfg), log_file.parent)
+            logger = open_logger(cfg, log_file, dist_info)
+            try:
+                table = latency.build_validated(net, cfg.input_size, device, cfg.lut_batch, cfg.lut_repeats,
+                                                cfg.width_mult, cfg.small_input, cfg.seed, logger.info)
+                table.save(path)
+                logger.info(f"latency table saved to {path}")
+            finally:
+                logger.close()
+        barrier()
+    if not (cfg.latency or cfg.build_lut):
+        return None
+    where = f"--lut {path}" if cfg.lut else f"latency table {path}"
     if not path.is_file():
         raise UserError(f"{where}: no such file; measure one with --build-lut")
     try:
         table = latency.LatencyTable.load(path)
     except ValueError as e:
         raise UserError(f"{where}: {e}; measure a new one with --build-lut") from None
-    wanted = latency.setting(get_family(args.arch).layout.family, args.input_size, args.width_mult, args.small_input,
-                             net.num_classes, args.lut_batch)
-    diffs = [f"{k} {v}" + f" (this search: {wanted[k]})" for k, v in table.setting().items() if v != wanted[k]]
-    if diffs:
-        raise UserError(f"{where}: measured for {', '.join(diffs)}; measure one for this search with --build-lut "
-                        f"(or pass its table with --lut)")
+    try:
+        table.check_setting(latency.setting(family, cfg.input_size, cfg.width_mult, cfg.small_input,
+                                            net.num_classes, cfg.lut_batch))
+    except ValueError as e:
+        raise UserError(f"{where}: {e}; measure one for this search with --build-lut (or pass its table with "
+                        f"--lut)") from None
     try:
         table.check_slots(len(net.spec.layout))
     except ValueError as e:
@@ -213,28 +149,11 @@ def load_latency_table(args: argparse.Namespace, path: Path, net) -> latency.Lat
     return table
 
 
-def latency_table(args: argparse.Namespace, net, device: torch.device, dist_info: Dist,
-                  log_file: Path) -> latency.LatencyTable | None:
-    """The table ``--latency`` budgets with; with ``--build-lut`` rank 0 measures and saves it first,
-    then every process loads that one file (so all of them budget with the same numbers)."""
-    path = latency_path(args, device)
-    if args.build_lut:
-        if dist_info.main:
-            checkpoint.check_writable(CHECKPOINT_DIR, log_file.parent)
-            logger = open_logger(args, log_file, dist_info)
-            try:
-                build_latency_table(args, net, device, path, logger)
-            finally:
-                logger.close()
-        barrier()
-    return load_latency_table(args, path, net) if args.latency or args.build_lut else None
-
-
 def feasibility(args: argparse.Namespace, layout, costs, table) -> evolution.Feasibility:
     """The budget as a feasibility test; an unreachable budget is an immediate error."""
-    budget = evolution.Budget(max_macs=millionths(args.flops, round_up=False) or None,
-                              min_macs=millionths(args.min_flops, round_up=True) or None,
-                              max_params=millionths(args.params, round_up=False) or None,
+    budget = evolution.Budget(max_macs=record.millionths(args.flops, round_up=False) or None,
+                              min_macs=record.millionths(args.min_flops, round_up=True) or None,
+                              max_params=record.millionths(args.params, round_up=False) or None,
                               max_latency=args.latency or None)
     bases = costs.spec.bases
     feasible = evolution.Feasibility(budget, costs, (lambda g: table(g, bases)) if table is not None else None)
@@ -251,61 +170,6 @@ def flag_names(message: str) -> str:
                         ("max_latency", "--latency")):
         message = message.replace(field, flag)
     return message
-
-
-# Flags whose values change the candidates' scores or the evolution: a resumed search must keep them.
-RESUME_FLAGS = ("dataset", "input_size", "width_mult", "batch_size", "recal_batches", "recal_batch_size",
-                "val_per_class", "seed", "population", "select_num", "mutation_num", "crossover_num", "mutation_prob")
-
-
-def search_settings(args: argparse.Namespace, pruningnet: dict) -> dict:
-    """What a resumed search, and a retraining that inherits from its PruningNet, are checked
-    against: the flags, the PruningNet file (absolute) and what identifies its weights."""
-    return {**{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": str(Path(args.resume).resolve()),
-            "pruningnet_trained": pruningnet["trained"], "pruningnet_run": pruningnet["run"]}
-
-
-def resumed_search(args: argparse.Namespace) -> dict | None:
-    """The ``--search-resume`` checkpoint, checked for arch, budget and ``--epochs``."""
-    if not args.search_resume:
-        return None
-    where = f"--search-resume {args.search_resume}"
-    state = checkpoint.load(args.search_resume, checkpoint.SEARCH, "--search-resume")
-    if state["arch"] != args.arch:
-        raise UserError(f"{where}: a search over {state['arch']}, not {args.arch}")
-    budget = search_budget(args)
-    if state["budget"] != budget:
-        raise UserError(f"{where}: the search ran under budget {state['budget']}, not {budget}; resume it with the "
-                        f"same --flops/--min-flops/--params/--latency")
-    if args.epochs < state["iter"]:
-        raise UserError(f"{where}: the search has done {state['iter']} iterations, more than --epochs {args.epochs}; "
-                        f"give --epochs {state['iter']} to report its result, or more to continue it")
-    args.resume = args.resume or state["pruningnet"]
-    return state
-
-
-def check_resume_settings(args: argparse.Namespace, resumed: dict, settings: dict) -> None:
-    """A resumed search must score and evolve as it began: the flags of ``RESUME_FLAGS``, the same
-    PruningNet file, and that file not trained further since."""
-    where = f"--search-resume {args.search_resume}"
-    saved = resumed.get("settings", {})
-    for key, value in settings.items():
-        if key not in saved or saved[key] == value:
-            continue
-        if key == "pruningnet_run":
-            raise UserError(f"{where}: the PruningNet {args.resume} is not the one the search began with (another "
-                            f"training run); resume with the PruningNet the search used (or start a new search)")
-        if key == "pruningnet_trained":
-            raise UserError(f"{where}: the PruningNet {args.resume} was at epoch {saved[key][0]} step "
-                            f"{saved[key][1]} when the search began and is now at epoch {value[0]} step {value[1]}; "
-                            f"resume with the PruningNet the search used (or start a new search)")
-        flag = "--" + key.replace("_", "-")
-        raise UserError(f"{where}: the search ran with {flag} {saved[key]}, this run has {flag} {value}; resume "
-                        f"with {flag} {saved[key]} (or start a new search without --search-resume)")
-
-
-def search_budget(args: argparse.Namespace) -> dict[str, float]:
-    return {"flops": args.flops, "min_flops": args.min_flops, "params": args.params, "latency": args.latency}
 
 
 def initial_state(args: argparse.Namespace, layout, feasible: evolution.Feasibility,
@@ -325,55 +189,61 @@ def main(argv: list[str] | None = None) -> list:
     if "-arch" in argv:
         raise UserError("'-arch' is not a flag: write --flops-arch (the README's MobileNetV2 search command has a "
                         "stray space in '--flops -arch')")
-    args = parse_args(get_args_parser(), argv, _validate)
-    if args.dry_run:
-        print(dump(args))
+    cfg = parse_args(get_args_parser(), argv, _validate, derive)
+    if cfg.dry_run:
+        print(dump(cfg))
         return []
-    files = search_files(args, argv)
-    if not (args.build_lut and not args.latency):
-        checkpoint.check_outputs([files.checkpoint, files.export], args.search_resume, args.overwrite,
-                                 "--search-resume")
-    dist_info, device = setup(args, fixed_shapes=True)  # one candidate's shapes over thousands of batches
-    resumed = resumed_search(args)
-    net, pruningnet = load_pruningnet(args, device)
-    settings = search_settings(args, pruningnet)
+    resumed = None
+    if cfg.search_resume:
+        resumed = checkpoint.load(cfg.search_resume, checkpoint.SEARCH, "--search-resume")
+        record.check_resumed(cfg, resumed)
+    resume = cfg.resume or resumed["pruningnet"]
+    state, fixed = load_pruningnet(cfg, resume)
+    cfg = cfg.replace(resume=resume, **fixed)  # resolved: the PruningNet that scores fixes width and stem
+    files = record.search_files(cfg)
+    if not (cfg.build_lut and not cfg.latency):
+        checkpoint.check_outputs([files.checkpoint, files.export], cfg.search_resume, cfg.overwrite, "--search-resume")
+    dist_info, device = setup(cfg, fixed_shapes=True)  # one candidate's shapes over thousands of batches
+    net, identity = checkpoint.build_model(state).to(device), checkpoint.identity(state)
+    del state  # a multi-GB mapped file: its tensors are in the model now
+    settings = record.settings(cfg, identity)
     if resumed is not None:
-        check_resume_settings(args, resumed, settings)
-    layout = get_family(args.arch).layout
-    costs = cost_model(args.flops_arch, args.input_size, net.num_classes, args.width_mult, args.small_input)
-    table = latency_table(args, net, device, dist_info, files.log)
-    if args.build_lut and not args.latency:
+        record.check_settings(cfg, resumed, settings)
+    layout = get_family(cfg.arch).layout
+    costs = cost_model(cfg.flops_arch, cfg.input_size, net.num_classes, cfg.width_mult, cfg.small_input)
+    table = latency_table(cfg, net, device, dist_info, files.log)
+    if cfg.build_lut and not cfg.latency:
         cleanup()
         return []
-    feasible = feasibility(args, layout, costs, table)
-    data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=True,
-                    defer_split=True, skip_damaged=args.skip_bad_images, split_dir=SPLIT_DIR)
-    state = initial_state(args, layout, feasible, resumed)
+    feasible = feasibility(cfg, layout, costs, table)
+    data = get_data(cfg.dataset, cfg.data_root, cfg.input_size, cfg.val_per_class, hold_out=True,
+                    defer_split=True, skip_damaged=cfg.skip_bad_images, split_dir=split_dir(cfg))
+    initial = initial_state(cfg, layout, feasible, resumed)
     began = time.perf_counter()
-    evaluator = search_evaluator(net, data, args.recal_batches, args.batch_size, args.seed, device, args.workers,
-                                 args.recal_batch_size)
+    evaluator = search_evaluator(net, data, cfg.recal_batches, cfg.batch_size, cfg.seed, device, cfg.workers,
+                                 cfg.recal_batch_size)
     decoding = time.perf_counter() - began
-    checkpoint.check_writable(CHECKPOINT_DIR, files.log.parent)
+    checkpoint.check_writable(checkpoint_dir(cfg), files.log.parent)
     # rank 0 writes; the stop signals are caught until the export is written, so a signal after the
     # last iteration leaves complete outputs behind
-    with checkpoint.run_lock(CHECKPOINT_DIR, files.stem) if dist_info.main else contextlib.nullcontext(), \
+    with checkpoint.run_lock(checkpoint_dir(cfg), files.stem) if dist_info.main else contextlib.nullcontext(), \
             StopRequests() as stop:
         if dist_info.main:
-            checkpoint.check_outputs([files.checkpoint, files.export], args.search_resume, args.overwrite,
+            checkpoint.check_outputs([files.checkpoint, files.export], cfg.search_resume, cfg.overwrite,
                                      "--search-resume")
             data.save_split()
-        logger = open_logger(args, files.log, dist_info)
+        logger = open_logger(cfg, files.log, dist_info)
         logger.info(f"decoded once in {decoding:.1f} s for every candidate: the sub-validation split, "
                     f"{evaluator.eval_batches.describe()}; the BN recalibration batches, {evaluator.recal.describe()}")
         for line in getattr(data.subval, "damaged", list)():  # one log for the split and the recalibration images
             logger.info(line)
         try:
-            state = run_search(args, state, settings, layout, costs, feasible, evaluator, files, logger, dist_info,
-                               device, stop)
-            best = state.best()
-            report(best[: args.select_num], costs, layout, logger)
+            done = SearchRun(cfg, settings, costs, feasible, evaluator, files, logger, dist_info, device,
+                             stop).run(initial)
+            best = done.best()
+            report(best[: cfg.select_num], costs, logger)
             if dist_info.main:
-                export_best(net, best[0][0], best[0][1], evaluator.recal, args, costs, files)
+                record.export_best(net, best[0][0], best[0][1], evaluator.recal, cfg, costs, files)
                 logger.info(f"search checkpoint {files.checkpoint}; best PrunedNet exported to {files.export}")
                 logger.info(format_table(channel_table(net.spec, best[0][0], net.num_classes)))
             if stop.signal is not None:
@@ -386,8 +256,9 @@ def main(argv: list[str] | None = None) -> list:
     return [layout.format(g, e) for g, e in best]
 
 
-def report(best: list[tuple[Gene, float]], costs, layout, logger: RunLogger) -> None:
+def report(best: list[tuple[Gene, float]], costs: CostModel, logger: RunLogger) -> None:
     """The best candidates, one line each: rank, top-1 error, MACs, params and gene."""
+    layout = costs.spec.layout
     logger.info(f"{'rank':>4} {'top-1 err':>9} {'MMac':>9} {'M params':>8}  gene")
     for rank, (g, e) in enumerate(best):
         c = costs(g)
@@ -396,109 +267,10 @@ def report(best: list[tuple[Gene, float]], costs, layout, logger: RunLogger) -> 
 
 def open_logger(args: argparse.Namespace, log_file: Path, dist_info: Dist) -> RunLogger:
     """The search log (rank 0 only), opened once the input has been checked."""
-    logger = RunLogger(log_file, enabled=dist_info.main,
-                       sink=make_sink(args, log_file.stem, log_file, run_name(args), bool(args.search_resume))
-                       if dist_info.main else None)
+    sink = make_sink(args, log_file.stem, log_file, run_name(args), bool(args.search_resume)) if dist_info.main else None
+    logger = RunLogger(log_file, enabled=dist_info.main, sink=sink)
     logger.info(f"config {dump(args)}")
     return logger
-
-
-class _Interrupted(Exception):
-    """A stop signal reached some process: the iteration under way is abandoned."""
-
-
-def run_search(args: argparse.Namespace, state: evolution.SearchState, settings: dict, layout, costs,
-               feasible: evolution.Feasibility, evaluator: CandidateEvaluator, files: SearchFiles, logger: RunLogger,
-               dist_info: Dist, device: torch.device, stop: StopRequests) -> evolution.SearchState:
-    """Run (or continue) the evolution, saving the search checkpoint and logging after every iteration.
-
-    Every process runs the same evolution (same seed, same RNG); the candidates of an iteration are
-    scored in shards, one per process, and the errors gathered, so the result does not depend on
-    the number of processes. SIGINT/SIGTERM abandon the iteration under way (at the next candidate)
-    and exit with 128 + the signal; the checkpoint of the last finished iteration resumes it.
-    """
-    if args.search_resume:
-        logger.info(f"resumed {args.search_resume} after iteration {state.iteration}")
-    elif len(state.population) < args.population:
-        logger.info(f"only {len(state.population)} distinct genes within the budget found for the first population "
-                    f"of {args.population}; the search goes on with them")
-    rng = random.Random()
-    rng.setstate(state.rng_state)
-    recorded = len(state.scores)
-    last_saved = args.search_resume
-    rank, world = dist_info.rank, dist_info.world_size
-
-    def check_stop() -> None:
-        # one exchange decides for every process, so all of them stop at the same candidate
-        if any_process([stop.signal is not None], device)[0]:
-            raise _Interrupted
-
-    def score(genes: list[Gene]) -> list[float]:
-        mine = []
-        for start in range(0, len(genes), world):  # the same number of rounds on every process
-            check_stop()
-            if start + rank < len(genes):
-                mine.append(100.0 - evaluator.top1(genes[start + rank]))
-        shards = all_gather(mine)
-        return [shards[i % world][i // world] for i in range(len(genes))]
-
-    def save(s: evolution.SearchState) -> None:
-        nonlocal recorded, last_saved
-        if dist_info.main:
-            checkpoint.save(search_state(args, s, files.budget, settings, layout, costs,
-                                         evaluator.net.num_classes), files.checkpoint)
-        last_saved = str(files.checkpoint)
-        new, recorded = list(s.scores.items())[recorded:], len(s.scores)
-        gene, err = s.best(1)[0]
-        cost = costs(gene)
-        logger.info(f"iteration {s.iteration}/{args.epochs}: {len(s.scores)} scored; best top-1 error {err:.2f} "
-                    f"{cost.macs / 1e6:.2f} MMac {cost.params / 1e6:.3f} M {layout.format(gene)}")
-        if len(s.population) < args.population and s.iteration < args.epochs:
-            logger.info(f"only {len(s.population)} new genes within the budget for the next population of "
-                        f"{args.population}: the budget admits few genes not scored yet")
-        logger.record("search", iteration=s.iteration, scored=len(s.scores), best_error=err,
-                      best_gene=layout.format(gene), best_macs=cost.macs, budget_macs=feasible.budget.max_macs,
-                      best_table=format_table(channel_table(evaluator.net.spec, gene, evaluator.net.num_classes)),
-                      candidates=[{"gene": layout.format(g), "error": e, "macs": costs(g).macs} for g, e in new])
-        check_stop()
-
-    try:
-        return evolution.run(state, layout, rng, feasible, score, args.epochs, on_step=save,
-                             population=args.population, select_num=args.select_num,
-                             mutation_num=args.mutation_num, crossover_num=args.crossover_num,
-                             mutation_prob=args.mutation_prob)
-    except _Interrupted:
-        signum = stop.signal or signal.SIGTERM  # another process was signalled
-        how = (f"resume with the same flags plus --search-resume {last_saved}" if last_saved else
-               "no iteration had finished, so there is nothing to resume: run the same command again")
-        logger.info(f"stopped by signal {signum}; {how}")
-        raise SystemExit(128 + signum) from None
-
-
-def search_state(args: argparse.Namespace, s: evolution.SearchState, budget_name: str, settings: dict, layout,
-                 costs, num_classes: int) -> dict:
-    """The search checkpoint: resumable state plus the candidates, best first, in the README's gene form."""
-    best = s.best()
-    return {"format": checkpoint.FORMAT, "kind": checkpoint.SEARCH, "arch": args.arch, "flops_arch": args.flops_arch,
-            "dataset": args.dataset, "budget_name": budget_name, "suffix": args.suffix,
-            "budget": search_budget(args), "settings": settings,
-            "iter": s.iteration, "epochs": args.epochs, "candidates": [layout.format(g, e) for g, e in best],
-            "macs": [costs(g).macs for g, _ in best], "params": [costs(g).params for g, _ in best],
-            "state": s.to_dict(), "pruningnet": str(Path(args.resume).resolve()), "input_size": args.input_size,
-            "model_args": {"num_classes": num_classes, "width_mult": args.width_mult, "small_input": args.small_input},
-            "config": vars(args)}
-
-
-def export_best(net, gene: Gene, error: float, recal: Iterable[torch.Tensor], args: argparse.Namespace, costs,
-                files: SearchFiles) -> None:
-    """Save the best candidate as a PrunedNet checkpoint with inherited, BN-recalibrated weights."""
-    pruned = recalibrate_bn(net.materialize(gene), recal)
-    record = checkpoint.model_record(args.flops_arch, gene, net.num_classes, args.width_mult, args.small_input)
-    cost = costs(gene)
-    checkpoint.save({"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, **record, "dataset": args.dataset,
-                     "model": pruned.state_dict(), "epoch": 0, "best_top1": 100.0 - error, "macs": cost.macs,
-                     "params": cost.params, "channels": channel_table(net.spec, gene, net.num_classes),
-                     "source": str(files.checkpoint.resolve()), "config": vars(args)}, files.export)
 
 
 if __name__ == "__main__":

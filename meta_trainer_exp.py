@@ -8,16 +8,17 @@ PrunedNet: the gene comes from ``--gene``, from ``--search-resume FILE --candida
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from app import checkpoint
-from app.config import SPLIT_DIR, add_common_args, add_training_args, dump, gene_literal, parse_args, run_files
+from app.config import (add_common_args, add_recalibration_args, add_training_args, dump, parse_args, run_files,
+                        split_dir)
 from app.distributed import Dist, setup
 from app.engine import GeneSchedule, check_resume, evaluate, run_training
+from app.genes import add_gene_args, derive_gene_args, inherit_weights, resolve_gene, validate_gene_args
 from data import fixed_batches, get_data, make_loader
 from models import Gene, GeneLayout, create_model, get_family, is_pruningnet
 from models.cost import cost_model
@@ -41,8 +42,7 @@ def get_args_parser() -> Parser:
     p.flag("--inherit", nargs="?", const="auto", default=None,
            help="start from inherited weights (fine-tuning): a PruningNet checkpoint's generated weights for the "
                 "gene, or a PrunedNet checkpoint of the same gene; without a path, the PruningNet the search used")
-    p.flag("--recal-batches", type=int, default=20, help="training batches for BN recalibration of --valuate probes")
-    p.flag("--recal-batch-size", type=int, default=None, help="images per recalibration batch (default --batch-size)")
+    add_recalibration_args(p, 20, "--valuate's probes")
     p.flag("--sandwich", type=int, default=None, metavar="N",
            help="PruningNet: every step adds up the gradients of the widest gene, the narrowest and N random genes "
                 "(the sandwich rule; default: one random gene, the paper's)")
@@ -50,13 +50,6 @@ def get_args_parser() -> Parser:
            help="PruningNet with --sandwich: the other genes learn from the widest gene's soft predictions of the "
                 "same batch (in-place distillation), the widest from the labels")
     return p
-
-
-def add_gene_args(p: Parser) -> None:
-    """Where a PrunedNet's gene comes from (also ``trainer_exp.py``'s flags)."""
-    p.flag("--gene", type=gene_literal, default=None, help='PrunedNet gene, e.g. "[20, 10, ..., 24]"')
-    p.flag("--search-resume", default=None, help="search checkpoint whose candidate to retrain")
-    p.flag("--candidate", type=int, default=None, help="rank of the candidate in --search-resume (0 = best)")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -70,110 +63,6 @@ def _validate(args: argparse.Namespace) -> None:
     if args.distill and args.sandwich is None:
         raise UserError("--distill needs --sandwich N (the widest gene of each step is the teacher)")
     validate_gene_args(args)
-    if args.recal_batches < 1 or (args.recal_batch_size is not None and args.recal_batch_size < 1):
-        raise UserError(f"--recal-batches and --recal-batch-size must be positive integers, got {args.recal_batches} "
-                        f"and {args.recal_batch_size}")
-
-
-def validate_gene_args(args: argparse.Namespace) -> None:
-    """Check the gene flags of ``add_gene_args``; a retrained search candidate is named after its budget."""
-    pruning = is_pruningnet(args.arch)
-    if pruning and (args.gene is not None or args.search_resume):
-        raise UserError(f"--gene and --search-resume are for *_prunednet archs, not {args.arch}")
-    if args.candidate is not None and not args.search_resume:
-        raise UserError("--candidate N needs --search-resume FILE (the search checkpoint holding the candidates)")
-    if args.gene is not None and args.search_resume:
-        raise UserError("give the gene either with --gene or with --search-resume/--candidate, not both")
-    if args.candidate is not None and args.candidate < 0:
-        raise UserError(f"--candidate must be 0 or more, got {args.candidate}")
-    if not pruning and args.gene is not None:
-        _parse_gene(args.arch, args.gene)
-    if args.search_resume:
-        args.suffix = retrain_suffix(args.search_resume, args.candidate or 0, args.suffix)
-
-
-def retrain_suffix(search_file: str, candidate: int, suffix: str) -> str:
-    """The name of a retrained candidate: the search's own (its budgets and suffix, as the README's
-    ``_flops1500`` names), or ``--suffix`` when given; ``_candidate{N}`` for every candidate but the
-    best, so that retraining several candidates of one search keeps each one's files."""
-    if not suffix:
-        match = re.fullmatch(r"MetaPruneSearch_[a-z0-9]+_pruningnet(_flops.*)_checkpoint\.pth\.tar",
-                             Path(search_file).name)
-        suffix = match.group(1) if match else ""
-    return suffix + (f"_candidate{candidate}" if candidate else "")
-
-
-def _parse_gene(arch: str, value: object) -> Gene:
-    try:
-        return get_family(arch).layout.parse(value)
-    except ValueError as e:
-        raise UserError(f"--gene: {e}") from None
-
-
-def _search_state(args: argparse.Namespace) -> dict:
-    state = checkpoint.load(args.search_resume, checkpoint.SEARCH, "--search-resume")
-    if get_family(state["arch"]) is not get_family(args.arch):
-        raise UserError(f"--search-resume {args.search_resume}: the search was over {state['arch']}, "
-                        f"not the {args.arch} family")
-    return state
-
-
-def resolve_gene(args: argparse.Namespace) -> tuple[Gene, dict | None]:
-    """The PrunedNet's gene and, with ``--search-resume``, the PruningNet that search scored with:
-    ``{"path": absolute path, "run": ..., "trained": [epoch, step]}`` (``checkpoint.identity``)."""
-    if not args.search_resume:
-        layout = get_family(args.arch).layout
-        return (_parse_gene(args.arch, args.gene) if args.gene is not None else layout.full()), None
-    state = _search_state(args)
-    n, candidates = args.candidate or 0, state["candidates"]
-    if n >= len(candidates):
-        raise UserError(f"--candidate {n}: the search checkpoint holds {len(candidates)} candidates "
-                        f"(0..{len(candidates) - 1})")
-    settings = state["settings"]
-    pruningnet = {"path": settings.get("resume", state.get("pruningnet")), "run": settings.get("pruningnet_run"),
-                  "trained": settings.get("pruningnet_trained")}
-    return _parse_gene(args.arch, candidates[n]), pruningnet
-
-
-def inherit_weights(model: torch.nn.Module, gene: Gene, path: str, searched_with: dict | None = None) -> None:
-    """Start ``model`` from checkpoint ``path``: a PruningNet's materialized PrunedNet for ``gene``,
-    or the weights of a PrunedNet of the same gene (e.g. a search's exported best candidate).
-
-    ``searched_with`` (``resolve_gene``) is the PruningNet a search scored the gene with: a
-    PruningNet given here must hold those very weights, whatever its path."""
-    state = checkpoint.load(path, checkpoint.MODEL, "--inherit", mmap=True)
-    family = model.spec.layout.family
-    if get_family(state["arch"]).layout != model.spec.layout:
-        raise UserError(f"--inherit {path}: holds {state['arch']}, not a network of the {family} family")
-    if state["model_args"]["num_classes"] != model.num_classes:
-        raise UserError(f"--inherit {path}: the network has {state['model_args']['num_classes']} classes, this "
-                        f"dataset {model.num_classes}")
-    net = checkpoint.build_model(state)
-    if net.spec != model.spec:
-        raise UserError(f"--inherit {path}: the network was built with {state['model_args']}; pass the same "
-                        f"--width-mult and --small-input")
-    if not is_pruningnet(state["arch"]):
-        if net.gene != tuple(gene):
-            raise UserError(f"--inherit {path}: a PrunedNet of gene {model.spec.layout.format(net.gene)}, not of "
-                            f"this run's gene {model.spec.layout.format(gene)}")
-        model.load_state_dict(net.state_dict())
-        return
-    if searched_with is not None:
-        check_searched_with(path, checkpoint.identity(state), searched_with)
-    model.load_state_dict(net.materialize(gene).state_dict())
-
-
-def check_searched_with(path: str, got: dict, searched_with: dict) -> None:
-    """A PruningNet to inherit from is the one the search used: the same training run (when the
-    search recorded it) at the same epoch and step."""
-    want = searched_with["trained"]
-    other_run = searched_with["run"] is not None and got["run"] != searched_with["run"]
-    if other_run or (want is not None and got["trained"] != want):
-        held = "another training run's weights" if other_run else \
-            f"the weights of epoch {got['trained'][0]} step {got['trained'][1]}"
-        raise UserError(f"--inherit {path}: the search scored its candidates with {searched_with['path']} at epoch "
-                        f"{want[0]} step {want[1]}, and this file holds {held}; inherit from the PruningNet the "
-                        f"search used (--inherit FILE), or retrain from scratch without --inherit")
 
 
 def build_pruningnet(args: argparse.Namespace, data, device: torch.device, dist_info: Dist, model_args: dict):
@@ -216,13 +105,13 @@ def build_prunednet(args: argparse.Namespace, data, device: torch.device, dist_i
                f"{cost.params / 1e6:.3f} M params")
     val = make_loader(data.val, args.batch_size, False, args.workers, rank=dist_info.rank,
                       world_size=dist_info.world_size, pin_memory=device.type == "cuda")
-    validate = lambda m: evaluate(m, val, device, args, reduce=dist_info.enabled)
+    validate = lambda m: evaluate(m, val, device, args.amp, args.channels_last, reduce=dist_info.enabled)
     return model, checkpoint.model_record(args.arch, gene, **model_args), validate, None, summary
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse, check every input file, then train; the final validation metrics."""
-    args = parse_args(get_args_parser(), argv, _validate)
+    args = parse_args(get_args_parser(), argv, _validate, derive_gene_args)
     if args.dry_run:
         print(dump(args))
         return {}
@@ -233,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
     data = get_data(args.dataset, args.data_root, args.input_size, args.val_per_class, hold_out=pruning,
                     seed=args.seed, defer_split=True, skip_damaged=args.skip_bad_images, lighting=args.lighting,
-                    split_dir=SPLIT_DIR)
+                    split_dir=split_dir(args))
     model_args = {"num_classes": data.num_classes, "width_mult": args.width_mult, "small_input": args.small_input}
     build = build_pruningnet if pruning else build_prunednet
     model, record, validate, schedule, summary = build(args, data, device, dist_info, model_args)

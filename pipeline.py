@@ -3,9 +3,9 @@
 1. train a PruningNet; 2. search the best gene under a MACs budget (a fraction of the full
 network's MACs); 3. retrain that PrunedNet from scratch, and with the same recipe the widest
 uniformly-scaled network of no more MACs; 4. print a results table (top-1, MACs, params, wall
-time) and write plots. Each stage runs the project's own entry script, in a run folder
-(``runs/fashionmnist_{arch}_seed{seed}`` under the current directory), so every checkpoint and log
-it writes can be inspected, resumed, or plotted like those of a hand-run command.
+time) and write plots. Each stage runs the project's own entry script as a command, with its outputs in
+a run folder (``--output-dir runs/fashionmnist_{arch}_seed{seed}``), so every checkpoint and log it
+writes can be inspected, resumed, or plotted like those of a hand-run command.
 
 ``--quick`` runs the same stages with far fewer steps (a smoke run of about two minutes).
 """
@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-
-import meta_search_exp
-import meta_trainer_exp
-from app.config import CHECKPOINT_DIR
+from app import checkpoint
+from app.config import CHECKPOINT_SUBDIR, LOG_SUBDIR
 from models import Gene, GeneLayout, get_family
 from models.cost import CostModel, cost_model
-from utils.cli import Parser, UserError, run_script
+from utils.cli import Parser, ReportedError, UserError, run_script
 from utils.files import save_text
 from utils.plot import main as plot_main
+
+ROOT = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -59,16 +57,12 @@ QUICK = Recipe(width=0.125, batch=128, pruning_epochs=1, retrain_epochs=1, steps
                select=2, mutation=2, crossover=2, iterations=2, val_per_class=20, recal_batches=2)
 
 
-@contextmanager
-def inside(folder: Path):
-    """Run a stage with ``folder`` as working directory: its checkpoints/ and logs/ land there."""
-    old = Path.cwd()
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(old)
+class StageFailed(ReportedError):
+    """A stage's script stopped; it has said why (one line above): the pipeline exits as it did."""
+
+    def __init__(self, stage: str, status: int) -> None:
+        super().__init__(f"the {stage} stage stopped (exit status {status}); its message is above")
+        self.exit_status = status
 
 
 class Pipeline:
@@ -89,44 +83,55 @@ class Pipeline:
                       "--vis-interval", "10", "--valuate"]
         self.times: dict[str, float] = {}
 
-    def _stage(self, name: str, fn, argv: list[str]):
-        print(f"\n=== {name}: {' '.join(argv)}", flush=True)
+    def _stage(self, name: str, script: str, argv: list[str]) -> None:
+        """Run ``script argv`` as a command writing into the run folder; its exit status is the stage's."""
+        argv = [*argv, "--output-dir", str(self.run_dir)]
+        print(f"\n=== {name}: {script} {' '.join(argv)}", flush=True)
         start = time.perf_counter()
-        with inside(self.run_dir):
-            out = fn(argv)
+        status = subprocess.run([sys.executable, str(ROOT / script), *argv]).returncode
         self.times[name] = time.perf_counter() - start
-        return out
+        if status:
+            raise StageFailed(name, status)
+
+    def output(self, name: str) -> Path:
+        """A checkpoint the stages write, in the run folder."""
+        return self.run_dir / CHECKPOINT_SUBDIR / name
 
     @property
-    def pruningnet(self) -> str:
-        return f"{CHECKPOINT_DIR}/fashionmnist_{self.arch}_pruningnet_best.pth.tar"
+    def pruningnet(self) -> Path:
+        return self.output(f"fashionmnist_{self.arch}_pruningnet_best.pth.tar")
 
     def budget_mmac(self, fraction: float) -> float:
         """``fraction`` of the full network's MACs in MMac, to 4 significant digits (a readable file name)."""
         return float(f"{self.costs(self.layout.full()).macs * fraction / 1e6:.4g}")
 
     def train_pruningnet(self) -> dict[str, float]:
-        return self._stage("PruningNet", meta_trainer_exp.main, [
+        """Train the PruningNet; its final probe metrics."""
+        self._stage("PruningNet", "meta_trainer_exp.py", [
             "--arch", f"{self.arch}_pruningnet", *self.data, *self.train, "--lr", str(self.r.pruning_lr),
-            "--epochs", str(self.r.pruning_epochs),
-            "--recal-batches", str(self.r.recal_batches)])
+            "--epochs", str(self.r.pruning_epochs), "--recal-batches", str(self.r.recal_batches)])
+        return checkpoint.load(self.output(f"fashionmnist_{self.arch}_pruningnet_checkpoint.pth.tar"))["metrics"]
 
     def search(self, budget_mmac: float) -> list:
         """Candidates (README form, best first) of a search under ``budget_mmac``."""
         r = self.r
-        return self._stage(f"search {budget_mmac}", meta_search_exp.main, [
-            "--arch", f"{self.arch}_pruningnet", "--resume", self.pruningnet, *self.data, "--flops", str(budget_mmac),
-            *(["--min-flops", f"{budget_mmac * r.min_fraction:.4g}"] if r.min_fraction else []),
+        bounds = ["--flops", str(budget_mmac), *(["--min-flops", f"{budget_mmac * r.min_fraction:.4g}"]
+                                                 if r.min_fraction else [])]
+        self._stage(f"search {budget_mmac}", "meta_search_exp.py", [
+            "--arch", f"{self.arch}_pruningnet", "--resume", str(self.pruningnet), *self.data, *bounds,
             "--population", str(r.population), "--select-num", str(r.select), "--mutation-num", str(r.mutation),
             "--crossover-num", str(r.crossover), "--epochs", str(r.iterations), "--recal-batches",
             str(r.recal_batches)])
+        others = f"_minflops{budget_mmac * r.min_fraction:.4g}" if r.min_fraction else ""
+        search = self.output(f"MetaPruneSearch_{self.arch}_pruningnet_flops{budget_mmac}{others}_checkpoint.pth.tar")
+        return checkpoint.load(search, checkpoint.SEARCH)["candidates"]
 
     def retrain(self, gene: Gene, suffix: str) -> dict[str, float]:
         """Train the PrunedNet of ``gene`` from scratch; its final validation metrics."""
-        return self._stage(f"retrain{suffix}", meta_trainer_exp.main, [
+        self._stage(f"retrain{suffix}", "meta_trainer_exp.py", [
             "--arch", f"{self.arch}_prunednet", *self.data, *self.train, "--lr", str(self.r.lr),
-            "--epochs", str(self.r.retrain_epochs),
-            "--gene", str(self.layout.format(gene)), "--suffix", suffix])
+            "--epochs", str(self.r.retrain_epochs), "--gene", str(self.layout.format(gene)), "--suffix", suffix])
+        return checkpoint.load(self.output(f"fashionmnist_{self.arch}_prunednet{suffix}_checkpoint.pth.tar"))["metrics"]
 
     def row(self, name: str, gene: Gene, metrics: dict[str, float], stage: str) -> dict:
         c = self.costs(gene)
@@ -190,10 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"arch": args.arch, "seed": args.seed, "quick": args.quick, "recipe": asdict(p.r),
                "full_mmac": round(p.costs(p.layout.full()).mmac, 3), "pruningnet_s": round(p.times["PruningNet"], 1),
                **result}
-    with inside(run_dir):
-        save_text(json.dumps(summary, indent=1), Path("results.json"))
-        plot_main([f"logs/fashionmnist_{args.arch}_pruningnet.jsonl",
-                   f"logs/MetaPruneSearch_{args.arch}_pruningnet_flops{result['budget_mmac']}.jsonl", "--out", "plots"])
+    save_text(json.dumps(summary, indent=1), run_dir / "results.json")
+    logs = run_dir / LOG_SUBDIR
+    plot_main([str(logs / f"fashionmnist_{args.arch}_pruningnet.jsonl"),
+               str(logs / f"MetaPruneSearch_{args.arch}_pruningnet_flops{result['budget_mmac']}.jsonl"),
+               "--out", str(run_dir / "plots")])
     print(f"\nFashion-MNIST, {args.arch} x{p.r.width}, budget {args.budget:.0%} of {summary['full_mmac']:.2f} MMac "
           f"= {result['budget_mmac']} MMac (PruningNet {summary['pruningnet_s']:.0f} s, "
           f"search {result['search_s']:.0f} s)")

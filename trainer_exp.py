@@ -15,8 +15,8 @@ from app import checkpoint
 from app.config import add_common_args, add_training_args, dump, parse_args, run_files
 from app.distributed import setup
 from app.engine import check_resume, evaluate, run_training
+from app.genes import add_gene_args, derive_gene_args, resolve_gene, validate_gene_args
 from data import get_data, make_loader
-from meta_trainer_exp import add_gene_args, resolve_gene, validate_gene_args
 from models import create_model, get_family, is_pruningnet
 from models.cost import cost_model
 from utils.cli import Parser, UserError, run_script
@@ -38,7 +38,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse, check the input, then train; the final validation metrics."""
-    args = parse_args(get_args_parser(), argv, _validate)
+    args = parse_args(get_args_parser(), argv, _validate, derive_gene_args)
     if args.dry_run:
         print(dump(args))
         return {}
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                       world_size=dist_info.world_size, pin_memory=device.type == "cuda")
     record = checkpoint.model_record(args.arch, None if gene == get_family(args.arch).layout.full() else gene,
                                      **model_args)
-    validate = lambda m: evaluate(m, val, device, args, reduce=dist_info.enabled)
+    validate = lambda m: evaluate(m, val, device, args.amp, args.channels_last, reduce=dist_info.enabled)
     summary = f"{args.arch}: {cost.macs / 1e6:.2f} MMac, {cost.params / 1e6:.3f} M params"
     if resume_state is not None:
         check_resume(resume_state, record, args, dist_info.world_size)

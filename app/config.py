@@ -8,7 +8,6 @@ data root) are resolved afterwards, so ``--dry-run`` prints exactly what a run w
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import math
@@ -18,14 +17,50 @@ from pathlib import Path
 from typing import Any, Callable
 
 from models import MAX_INPUT_SIZE, MAX_WIDTH_MULT, MIN_INPUT_SIZE, list_models, small_input_for
-from utils.cli import Parser, ReportedError, UserError
+from utils.cli import Parser, ReportedError, UserError, positive_int, tcp_port
 
 DATASETS = ("imagenet", "fashionmnist")
 DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashionmnist": 32}
-CHECKPOINT_DIR = Path("checkpoints/meta_prune")
-LOG_DIR = Path("logs")
-SPLIT_DIR = CHECKPOINT_DIR / "splits"
+# where a run's files go, under --output-dir (default: the working folder)
+CHECKPOINT_SUBDIR = Path("checkpoints/meta_prune")
+LOG_SUBDIR = Path("logs")
+SPLIT_SUBDIR = CHECKPOINT_SUBDIR / "splits"
 MAX_WORKERS = 256  # loader processes per training process
+
+
+class Config(argparse.Namespace):
+    """A run's configuration, resolved once (defaults < JSON < explicit flags, then the values derived
+    from them) and read-only from then on: every flag is an attribute, ``vars(config)`` the dict."""
+
+    def __init__(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the config is resolved and read-only: {name!r} cannot be set afterwards")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"the config is resolved and read-only: {name!r} cannot be deleted")
+
+    def replace(self, **changes: Any) -> "Config":
+        """A new config with ``changes`` (values the run learns from its input files, e.g. the
+        PruningNet's width); this one stays as it is."""
+        unknown = sorted(set(changes) - set(vars(self)))
+        if unknown:
+            raise AttributeError(f"no such config values: {', '.join(unknown)}")
+        return Config(**{**vars(self), **changes})
+
+
+def checkpoint_dir(cfg: argparse.Namespace) -> Path:
+    return Path(cfg.output_dir) / CHECKPOINT_SUBDIR
+
+
+def log_dir(cfg: argparse.Namespace) -> Path:
+    return Path(cfg.output_dir) / LOG_SUBDIR
+
+
+def split_dir(cfg: argparse.Namespace) -> Path:
+    return Path(cfg.output_dir) / SPLIT_SUBDIR
 
 
 class TrainingStopped(ReportedError):
@@ -34,17 +69,33 @@ class TrainingStopped(ReportedError):
     exit_status = 1
 
 
-def gene_literal(value: Any) -> list:
-    """A gene as written by the user: a list, or a string holding one (validated later against the arch)."""
-    if isinstance(value, str):
-        try:
-            value = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            raise argparse.ArgumentTypeError(
-                f"cannot read a gene from {value!r}; write it as \"[20, 10, ...]\"") from None
-    if not isinstance(value, (list, tuple)):
-        raise argparse.ArgumentTypeError(f"a gene is a list of ids, got {value!r}")
-    return list(value)
+class Spelled(float):
+    """A number that remembers how it was written (``300.0`` stays ``300.0``, ``1e3`` stays ``1e3``):
+    ``--flops`` names the search's files as the user wrote it. Plain ``float`` in the resolved config."""
+
+    text: str
+
+    def __new__(cls, text: str) -> "Spelled":
+        number = super().__new__(cls, text)
+        number.text = text.strip()
+        return number
+
+
+def spelled_number(value: Any) -> Spelled:
+    """An argparse type: a number from the command line (a string) or from ``--json`` (read as written)."""
+    if isinstance(value, Spelled):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}")
+    try:
+        return Spelled(str(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
+
+
+def spelling(value: float) -> str:
+    """How a number was written (``Spelled``), else its shortest form."""
+    return value.text if isinstance(value, Spelled) else f"{value:g}"
 
 
 def gpu_ids(value: Any) -> list[int]:
@@ -85,6 +136,8 @@ def add_common_args(p: Parser, arch_default: str | None = None) -> None:
     p.flag("--json", default=None, help="experiment file: its keys override defaults, explicit flags override it")
     p.flag("--log-path", default=None, help="human-readable log (default logs/{dataset}_{arch}{suffix}.txt)")
     p.flag("--suffix", default="", help="appended to checkpoint and log names")
+    p.flag("--output-dir", default=".",
+           help="folder under which the run writes checkpoints/meta_prune/ and logs/ (default: the working folder)")
     p.flag("--skip-bad-images", action="store_true",
            help="leave image files that cannot be decoded out of their batches, each one logged (default: stop "
                 "with one line naming the first)")
@@ -96,7 +149,7 @@ def add_common_args(p: Parser, arch_default: str | None = None) -> None:
     p.flag("--vis-legend", default=None, help="legend name of this run's traces (default: the run name)")
     p.flag("--vis-interval", type=int, default=20, help="iterations between visdom points")
     p.flag("--vis-server", default="http://127.0.0.1", help="visdom server address")
-    p.flag("--vis-port", type=int, default=8097)
+    p.flag("--vis-port", type=tcp_port, default=8097)
 
 
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -148,7 +201,7 @@ def load_json(path: str) -> dict[str, Any]:
     """The ``--json`` experiment file as a dict; unreadable or non-object files are user errors."""
     try:
         with open(path) as f:
-            cfg = json.load(f)
+            cfg = json.load(f, parse_float=Spelled)  # a number keeps its text until the config is resolved
     except FileNotFoundError:
         raise UserError(f"--json {path}: no such file") from None
     except IsADirectoryError:
@@ -163,8 +216,10 @@ def load_json(path: str) -> dict[str, Any]:
 
 
 def parse_args(parser: Parser, argv: list[str] | None = None,
-               validate: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` with JSON precedence, resolve dataset defaults, then run ``validate``."""
+               validate: Callable[[argparse.Namespace], None] | None = None,
+               derive: Callable[[argparse.Namespace], dict[str, Any]] | None = None) -> Config:
+    """The run's ``Config``: ``argv`` parsed with JSON precedence and the dataset defaults, checked by
+    ``validate`` (which only raises), then completed with the values ``derive`` returns."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.json:
@@ -203,14 +258,13 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
         raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE} px, got {args.input_size}")
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise UserError(f"--dist-timeout must be a positive number of minutes, got {args.dist_timeout}")
-    if not 1 <= args.vis_port <= 65535:
-        raise UserError(f"--vis-port must be a TCP port in 1..65535, got {args.vis_port}")
     if args.log_path:
         check_log_file(args.log_path, "--log-path")
     _check_ranges(args)
     if validate:
         validate(args)
-    return args
+    derived = derive(args) if derive else {}
+    return Config(**{k: float(v) if isinstance(v, Spelled) else v for k, v in {**vars(args), **derived}.items()})
 
 
 # training flags and the interval [low, high) each must lie in
@@ -254,16 +308,24 @@ def run_name(args: argparse.Namespace) -> str:
 
 def run_files(args: argparse.Namespace) -> tuple[Path, Path]:
     """A training run's resumable checkpoint and its best one."""
-    return (CHECKPOINT_DIR / f"{run_name(args)}_checkpoint.pth.tar", CHECKPOINT_DIR / f"{run_name(args)}_best.pth.tar")
+    folder, name = checkpoint_dir(args), run_name(args)
+    return folder / f"{name}_checkpoint.pth.tar", folder / f"{name}_best.pth.tar"
 
 
 def log_path(args: argparse.Namespace) -> Path:
-    return Path(args.log_path) if args.log_path else LOG_DIR / f"{run_name(args)}.txt"
+    return Path(args.log_path) if args.log_path else log_dir(args) / f"{run_name(args)}.txt"
 
 
 def dump(args: argparse.Namespace) -> str:
     """The resolved config as one JSON object (argparse dests as keys)."""
     return json.dumps(vars(args), sort_keys=True)
+
+
+def add_recalibration_args(p: Parser, batches: int, what: str) -> None:
+    """The BN recalibration set of ``what`` (the search's candidates, ``--valuate``'s probes)."""
+    p.flag("--recal-batches", type=positive_int, default=batches, help=f"training batches for BN recalibration of {what}")
+    p.flag("--recal-batch-size", type=positive_int, default=None,
+           help="images per recalibration batch (default --batch-size); MetaPruning's search: 100 batches of 1000")
 
 
 def add_training_args(p: Parser) -> None:

@@ -30,7 +30,7 @@ from utils.logger import RunLogger, progress
 from utils.meters import correct_topk
 
 from . import checkpoint
-from .config import CHECKPOINT_DIR, TrainingStopped, UserError, log_path, run_files, run_name
+from .config import TrainingStopped, UserError, checkpoint_dir, log_path, run_files, run_name
 from .crop_sgd import CropGradScaler, CropSGD
 from .distributed import Dist, all_gather, barrier, cleanup, sum_over_processes
 
@@ -39,27 +39,28 @@ from .distributed import Dist, all_gather, barrier, cleanup, sum_over_processes
 FP16_OVERFLOW_STEPS = 50
 
 
-def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool = False,
+                    depthwise_decay: bool = True, by_crop: bool = True) -> torch.optim.Optimizer:
     """SGD with momentum; weight decay on every parameter of more than one dimension (conv and linear
-    weights, the generators' matrices), none on BN parameters and biases, and with
-    ``--no-depthwise-decay`` none on depthwise convs (or their generators).
+    weights, the generators' matrices), none on BN parameters and biases, and without
+    ``depthwise_decay`` none on depthwise convs (or their generators).
 
     The fused kernel updates every parameter in a few launches and takes GradScaler's inf check as
     a device tensor, so an fp16 step does not wait for the device to learn whether to skip. A
-    PruningNet's generators are updated by crop (``CropSGD``, the same steps at the crop's cost)
-    unless ``--dense-generator-update``.
+    PruningNet's generators are updated ``by_crop`` (``CropSGD``, the same steps at the crop's cost;
+    off: ``--dense-generator-update``).
     """
-    spared = set() if args.depthwise_decay else {id(p) for p in depthwise_parameters(model)}
+    spared = set() if depthwise_decay else {id(p) for p in depthwise_parameters(model)}
     decay = [p for p in model.parameters() if p.ndim > 1 and id(p) not in spared]
     no_decay = [p for p in model.parameters() if p.ndim <= 1 or id(p) in spared]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    sgd = {"lr": args.lr, "momentum": args.momentum, "nesterov": args.nesterov, "fused": True}
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    sgd = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "fused": True}
     generators = [m for m in model.modules() if isinstance(m, GeneratedConv)]
-    if generators and not args.dense_generator_update:
+    if generators and by_crop:
         optimizer = CropSGD(groups, generators, **sgd)
     else:
         optimizer = torch.optim.SGD(groups, **sgd)
-    if args.momentum:
+    if momentum:
         # PyTorch's fused SGD allocates its momentum buffers uninitialized at its first step and lets
         # the kernel fill them; when GradScaler skips that step (fp16's first steps usually overflow)
         # they stay garbage, and the next step writes it into the weights. A zero buffer gives what the
@@ -80,24 +81,38 @@ def depthwise_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def lr_factor(args: argparse.Namespace, progress_: float) -> float:
-    """Learning-rate multiplier at a fractional epoch: linear warmup, then linear (MetaPruning's
-    retraining) or cosine decay to zero, or a step decay by ``--lr-gamma`` at each milestone epoch."""
-    if progress_ < args.warmup_epochs:
-        return progress_ / args.warmup_epochs
-    if args.lr_scheduler == "step":
-        # progress is counted at a step's end: the last step of epoch m - 1 ends at exactly m, and epoch
-        # m's first step is the first to decay, as with a scheduler stepped once per epoch
-        return args.lr_gamma ** sum(progress_ > m for m in args.lr_milestones)
-    t = min(1.0, (progress_ - args.warmup_epochs) / max(1e-9, args.epochs - args.warmup_epochs))
-    return 0.5 * (1 + math.cos(math.pi * t)) if args.lr_scheduler == "cosine" else 1 - t
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning-rate multiplier at a fractional epoch: linear warmup over ``warmup_epochs``, then
+    linear (MetaPruning's retraining) or cosine decay to zero at ``epochs``, or (``step``) a decay by
+    ``gamma`` at each of the ``milestones`` epochs."""
+
+    kind: str
+    epochs: int
+    warmup_epochs: int = 0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+    @classmethod
+    def of(cls, cfg: argparse.Namespace) -> "LRSchedule":
+        return cls(cfg.lr_scheduler, cfg.epochs, cfg.warmup_epochs, tuple(cfg.lr_milestones or ()), cfg.lr_gamma)
+
+    def factor(self, progress: float) -> float:
+        if progress < self.warmup_epochs:
+            return progress / self.warmup_epochs
+        if self.kind == "step":
+            # progress is counted at a step's end: the last step of epoch m - 1 ends at exactly m, and epoch
+            # m's first step is the first to decay, as with a scheduler stepped once per epoch
+            return self.gamma ** sum(progress > m for m in self.milestones)
+        t = min(1.0, (progress - self.warmup_epochs) / max(1e-9, self.epochs - self.warmup_epochs))
+        return 0.5 * (1 + math.cos(math.pi * t)) if self.kind == "cosine" else 1 - t
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step schedule defined on fractional epochs, so resuming with another world size (other
     steps per epoch) keeps the same learning rate at the same point of training."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args, (step + 1) / steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor((step + 1) / steps_per_epoch))
 
 
 def gene_for_step(layout: GeneLayout, seed: int, step: int) -> Gene:
@@ -136,11 +151,11 @@ def soft_cross_entropy(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return -(teacher * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def autocast(args: argparse.Namespace, device: torch.device):
-    """Mixed precision when ``--amp`` asks for it."""
-    if not args.amp:
+def autocast(amp: str | None, device: torch.device):
+    """Mixed precision when ``amp`` (``--amp``: bf16, fp16) asks for it."""
+    if not amp:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def process_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -240,9 +255,10 @@ class StopRequests:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, args: argparse.Namespace | None = None,
-             reduce: bool = False) -> dict[str, float]:
-    """Top-1, top-5 (%) and cross-entropy of ``model`` in eval mode over ``(x, y)`` batches.
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: str | None = None,
+             channels_last: bool = False, reduce: bool = False) -> dict[str, float]:
+    """Top-1, top-5 (%) and cross-entropy of ``model`` in eval mode over ``(x, y)`` batches (under
+    ``amp``, in the channels-last layout if asked).
 
     ``reduce`` sums the counts over all processes (each evaluated its own shard of the data).
     """
@@ -251,9 +267,9 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, args: ar
     n = 0  # samples, counted on the host: the device is read once, at the end
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if args is not None and args.channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(args, device) if args is not None else contextlib.nullcontext():
+        with autocast(amp, device):
             out = model(x)
         out = out.float()
         top1, top5 = correct_topk(out, y, (1, 5))
@@ -283,12 +299,14 @@ class Trainer:
         if args.dropout is not None:  # a training setting: the weights, and so the checkpoint, are the same
             model.dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
         self.model = model
-        self.optimizer = build_optimizer(model, args)
+        self.optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov,
+                                         args.depthwise_decay, not args.dense_generator_update)
         by_crop = isinstance(self.optimizer, CropSGD)
         self.ddp = wrap_ddp(model, device, schedule is not None, by_crop) if dist_info.enabled else model
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.steps = min(len(loader), args.steps_per_epoch or len(loader))
-        self.scheduler = build_scheduler(self.optimizer, args, self.steps)
+        self.lr_schedule = LRSchedule.of(args)
+        self.scheduler = build_scheduler(self.optimizer, self.lr_schedule, self.steps)
         self.scaler = CropGradScaler(device.type, enabled=args.amp == "fp16")
         self.ckpt_path, self.best_path = run_files(args)
         self.epoch, self.step_in_epoch, self.best, self.metrics = 0, 0, -1.0, {}
@@ -310,7 +328,7 @@ class Trainer:
         # mid-epoch: go on after the same samples (check_resume made them a whole number of steps)
         self.step_in_epoch = state["samples_in_epoch"] // (self.args.batch_size * self.dist.world_size)
         self.scheduler.last_epoch = self.epoch * self.steps + self.step_in_epoch  # steps taken
-        factor = lr_factor(self.args, (self.scheduler.last_epoch + 1) / self.steps)
+        factor = self.lr_schedule.factor((self.scheduler.last_epoch + 1) / self.steps)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor
         self.resume_rng(state["rng"])
@@ -372,7 +390,7 @@ class Trainer:
             torch.manual_seed(process_seed(args.seed, self.dist.rank))
         if self.dist.main:
             save_text(json.dumps(vars(args), indent=1, sort_keys=True),
-                                 CHECKPOINT_DIR / f"{run_name(args)}_config.json")
+                      checkpoint_dir(args) / f"{run_name(args)}_config.json")
         with StopRequests() as stop:
             while self.epoch < args.epochs:
                 stats = self.train_one_epoch(stop)
@@ -473,7 +491,7 @@ class Trainer:
         for i, gene in enumerate(genes or (None,)):
             accumulate = i + 1 < len(genes or (None,)) and self.dist.enabled
             with self.ddp.no_sync() if accumulate else contextlib.nullcontext():
-                with autocast(self.args, device):
+                with autocast(self.args.amp, device):
                     out = (self.ddp(x, gene) if gene is not None else self.ddp(x)).float()
                     if teacher is not None:
                         loss = soft_cross_entropy(out, teacher)
@@ -583,10 +601,10 @@ def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data,
     if len(loader) == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
     path = log_path(args)
-    checkpoint.check_writable(CHECKPOINT_DIR, path.parent)
+    checkpoint.check_writable(checkpoint_dir(args), path.parent)
     # rank 0 writes; under the lock the outputs are checked again: a run of this name may have
     # written them since main() first checked
-    with checkpoint.run_lock(CHECKPOINT_DIR, run_name(args)) if dist_info.main else contextlib.nullcontext():
+    with checkpoint.run_lock(checkpoint_dir(args), run_name(args)) if dist_info.main else contextlib.nullcontext():
         if dist_info.main:
             checkpoint.check_outputs(run_files(args), args.resume, args.overwrite, "--resume")
             data.save_split()

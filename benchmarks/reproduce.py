@@ -34,11 +34,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 from app import checkpoint
-from app.config import SPLIT_DIR
+from app.config import SPLIT_SUBDIR
 from data import get_data
 from models import Gene
 from models.gene import NUM_SCALES
-from pipeline import FULL, QUICK, Pipeline, Recipe, compare, inside
+from pipeline import FULL, QUICK, Pipeline, Recipe, compare
 from search.evaluator import search_evaluator
 from utils.cli import UserError
 
@@ -65,7 +65,7 @@ class ReusingPipeline(Pipeline):
         """Train the PruningNet, or copy the one an earlier run trained with this recipe and seed."""
         if self.pruningnets is None:
             return super().train_pruningnet()
-        src = self.pruningnets / f"seed{self.seed}" / self.pruningnet
+        src = self.pruningnets / f"seed{self.seed}" / self.pruningnet.relative_to(self.run_dir)
         last = src.with_name(src.name.replace("_best", "_checkpoint"))
         try:
             state, finished = (checkpoint.load(path, "model", "--pruningnets") for path in (src, last))
@@ -80,7 +80,7 @@ class ReusingPipeline(Pipeline):
             raise ValueError(f"--pruningnets {src}: trained with another recipe ({', '.join(differ)})")
         if finished["epoch"] != r.pruning_epochs:  # _best may come from an earlier epoch: the last one tells
             raise ValueError(f"--pruningnets {last}: unfinished, at epoch {finished['epoch']} of {r.pruning_epochs}")
-        checkpoint.copy(src, self.run_dir / self.pruningnet)
+        checkpoint.copy(src, self.pruningnet)
         self.times["PruningNet"] = 0.0
         return state["metrics"]
 
@@ -153,12 +153,11 @@ def spread_genes(p: Pipeline, n: int, low: float, high: float, seed: int) -> lis
 
 def proxy_scores(p: Pipeline, genes: list, recal_batches: int) -> list[float]:
     """The top-1 the PruningNet gives each gene, exactly as the search scores candidates."""
-    with inside(p.run_dir):
-        net = checkpoint.build_model(checkpoint.load(p.pruningnet))
-        data = get_data("fashionmnist", None, 32, p.r.val_per_class, hold_out=True, seed=p.seed,
-                        split_dir=SPLIT_DIR)
-        evaluator = search_evaluator(net, data, recal_batches, p.r.batch, p.seed, torch.device("cpu"))
-        return [evaluator.top1(g) for g in genes]
+    net = checkpoint.build_model(checkpoint.load(p.pruningnet))
+    data = get_data("fashionmnist", None, 32, p.r.val_per_class, hold_out=True, seed=p.seed,
+                    split_dir=p.run_dir / SPLIT_SUBDIR)
+    evaluator = search_evaluator(net, data, recal_batches, p.r.batch, p.seed, torch.device("cpu"))
+    return [evaluator.top1(g) for g in genes]
 
 
 def proxy_quality(p: Pipeline, genes: list, recals: list[int] | None) -> tuple[list[dict], dict, dict]:

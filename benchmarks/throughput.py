@@ -73,7 +73,8 @@ def training_step(arch: str, device: torch.device, size: int, width: float, amp:
               "lr_scheduler": "linear", "warmup_epochs": 0, "epochs": 1, "steps_per_epoch": 0, "amp": amp,
               "channels_last": channels_last, "sync_bn": False, "dataset": "imagenet", "arch": f"{arch}_pruningnet",
               "lr_milestones": None, "lr_gamma": 0.1, "depthwise_decay": True, "dropout": None,
-              "suffix": "", "seed": 0, "input_size": size, "dense_generator_update": dense_generator_update}
+              "suffix": "", "seed": 0, "input_size": size, "dense_generator_update": dense_generator_update,
+              "output_dir": "."}
     trainer = Trainer(argparse.Namespace(**config), net, {}, range(10 ** 6), device, RunLogger(None, enabled=False),
                       validate=dict, schedule=GeneSchedule(net.spec.layout, 0))
     return trainer, net

@@ -46,6 +46,11 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def list_families() -> list[str]:
+    """The architecture families, in the order they were registered (ResNet50 first)."""
+    return list(_FAMILIES)
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _MODELS:
         raise ValueError(f"unknown arch {name!r}; choose one of {', '.join(list_models())}")

@@ -308,7 +308,6 @@ def skipped_first_step(device: str) -> str:
     """The training optimizer (fused SGD) under GradScaler: an overflowed first step is skipped
     without a trace, and the next steps equal plain SGD's."""
     import copy
-    import types
 
     from app.engine import build_optimizer
     from models import create_model
@@ -316,8 +315,7 @@ def skipped_first_step(device: str) -> str:
     torch.manual_seed(0)
     net = create_model("resnet50_prunednet", num_classes=5, width_mult=0.25, small_input=True).to(device)
     reference = copy.deepcopy(net)
-    fused = build_optimizer(net, types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-                                                           depthwise_decay=True))
+    fused = build_optimizer(net, lr=0.1, momentum=0.9, weight_decay=1e-4)
     plain = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim > 1], "weight_decay": 1e-4},
                              {"params": [p for p in reference.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
                             lr=0.1, momentum=0.9, foreach=False)

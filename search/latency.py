@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch import nn
 from models import ArchSpec, Gene, PrunedNet
 from models.gene import FULL_ID, channels
 from models.pruningnet import _ACTIVATIONS, IMAGE_CHANNELS, IMAGE_SLOT, BlockSpec, ConvSpec, _ConvBN, conv_out_size
+from utils.files import save_text
 
 GRID = (0, 5, 10, 15, 20, 25, 30)
 VERSION = 2  # tables of another layout are refused, not misread
@@ -94,6 +96,12 @@ class LatencyTable:
         return setting(self.arch, self.input_size, self.width_mult, self.small_input, self.num_classes,
                        self.batch_size)
 
+    def check_setting(self, wanted: dict) -> None:
+        """The table was measured for the ``wanted`` setting (``ValueError`` naming every difference)."""
+        diffs = [f"{k} {v} (this search: {wanted[k]})" for k, v in self.setting().items() if v != wanted[k]]
+        if diffs:
+            raise ValueError(f"measured for {', '.join(diffs)}")
+
     def raw(self, gene: Gene, bases: tuple[int, ...]) -> float:
         """The sum of the gene's table entries (ms), before calibration."""
         total = self.fixed_ms
@@ -120,8 +128,6 @@ class LatencyTable:
         return (1 - a) * self._ms[j] + a * self._ms[j + 1]
 
     def save(self, path: Path) -> None:
-        from utils.files import save_text
-
         save_text(json.dumps(asdict(self)), path)
 
     @classmethod
@@ -306,3 +312,31 @@ def measure(net: PrunedNet, input_size: int, device: torch.device, batch_size: i
     net = net.to(device).eval()
     x = torch.randn(batch_size, IMAGE_CHANNELS, input_size, input_size, device=device)
     return time_ms(lambda: net(x), device, repeats, clock=clock)
+
+
+def default_path(folder: Path, family: str, device: torch.device, input_size: int, width_mult: float,
+                 batch_size: int) -> Path:
+    """Where a table of this device and network is kept unless ``--lut`` names one."""
+    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    return folder / f"latency_{family}_{name}_{input_size}px_w{width_mult:g}_bs{batch_size}.json"
+
+
+def build_validated(net, input_size: int, device: torch.device, batch_size: int, repeats: int, width_mult: float,
+                    small_input: bool, seed: int, log: Callable[[str], None]) -> LatencyTable:
+    """Measure a table on this device and check its estimates against whole-network timings of 8
+    random genes (kept in ``validation``, their errors logged)."""
+    log(f"measuring the latency table on {device} (batch {batch_size}) ...")
+    table = build(net.spec, input_size, net.num_classes, device, batch_size, repeats, width_mult=width_mult,
+                  small_input=small_input)
+    layout, rng = net.spec.layout, random.Random(seed)
+    # random genes only: the calibration already measured the uniform-width ones (full, narrowest, ...)
+    genes = [layout.sample(rng) for _ in range(8)]
+    table.validation = [{"gene": layout.format(g), "lut_ms": table(g, net.spec.bases),
+                         "measured_ms": measure(net.materialize(g), input_size, device, batch_size, repeats)}
+                        for g in genes]
+    errors = [abs(v["lut_ms"] / v["measured_ms"] - 1) * 100 for v in table.validation]
+    log(f"LUT estimate vs measured end-to-end on {len(genes)} random genes: mean |error| "
+        f"{sum(errors) / len(errors):.1f}%, max {max(errors):.1f}%")
+    for v in table.validation:
+        log(f"  lut {v['lut_ms']:.3f} ms, measured {v['measured_ms']:.3f} ms: {v['gene']}")
+    return table

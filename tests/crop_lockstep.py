@@ -11,7 +11,6 @@ the dense way, every full-size gradient all-reduced, and the crop run by its cro
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -31,15 +30,10 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm().clamp_min(1e-30))
 
 
-def optimizer_args(nesterov: bool, dense: bool) -> argparse.Namespace:
-    return argparse.Namespace(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=1e-2, depthwise_decay=True,
-                              dense_generator_update=dense)
-
-
 def build(family: str, nesterov: bool, dense: bool, model: torch.nn.Module | None = None,
           device: torch.device = torch.device("cpu")):
     model = model or create_model(f"{family}_pruningnet", num_classes=5, width_mult=0.125, small_input=True).to(device)
-    optimizer = build_optimizer(model, optimizer_args(nesterov, dense))
+    optimizer = build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov, by_crop=not dense)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 100)
     return model, optimizer, schedule
 

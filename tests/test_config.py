@@ -6,6 +6,7 @@ import pytest
 
 from conftest import ROOT
 from helpers import assert_one_line_error, dry_run, invoke, run_script
+from models import get_family
 
 README_TRAINING = [
     ("meta_trainer_exp.py", "--arch resnet50_pruningnet --dataset imagenet --batch-size 100 --epochs 32 --gpu 3 --valuate --visdom",
@@ -116,6 +117,8 @@ def test_every_experiment_file_resolves(path, workdir):
     cfg = dry_run(script, "--json", str(path), cwd=workdir)
     assert cfg["json"] == str(path)
     for k, v in json.loads(path.read_text()).items():
+        if k == "gene":  # resolved to the arch's canonical ids (a fixed position's -1 is its id 30)
+            v = list(get_family(cfg["arch"]).layout.parse(v))
         assert cfg[k.replace("-", "_")] == v, k
 
 

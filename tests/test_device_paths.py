@@ -83,9 +83,7 @@ def test_an_fp16_first_step_skipped_by_the_grad_scaler_leaves_sgd_exact():
     torch.manual_seed(0)
     net = create_model("resnet50_prunednet", num_classes=5, width_mult=0.125, small_input=True)
     reference = copy.deepcopy(net)
-    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, depthwise_decay=True,
-                                 dense_generator_update=False)
-    fused = app.engine.build_optimizer(net, args)
+    fused = app.engine.build_optimizer(net, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
     plain = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim > 1], "weight_decay": 1e-4},
                              {"params": [p for p in reference.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
                             lr=0.1, momentum=0.9, nesterov=True, foreach=False)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from app import checkpoint
-from app.engine import build_optimizer, check_resume, evaluate, gene_for_step, lr_factor
+from app.engine import LRSchedule, build_optimizer, check_resume, evaluate, gene_for_step
 from data import EpochSampler
 from models import create_model, get_family
 from models.gene import FULL_ID
@@ -117,8 +117,8 @@ def test_gene_ids_are_uniform_over_the_grid_and_fixed_slots_full(family):
         assert chi2 < 80  # 30 degrees of freedom: exceeded with probability ~2e-6 by a uniform draw
 
 
-def schedule(kind: str, warmup: float = 0) -> types.SimpleNamespace:
-    return types.SimpleNamespace(warmup_epochs=warmup, epochs=10, lr_scheduler=kind, lr_milestones=[], lr_gamma=0.1)
+def schedule(kind: str, warmup: float = 0) -> LRSchedule:
+    return LRSchedule(kind, epochs=10, warmup_epochs=warmup)
 
 
 @pytest.mark.parametrize("kind, progress, factor", [
@@ -126,23 +126,21 @@ def schedule(kind: str, warmup: float = 0) -> types.SimpleNamespace:
     ("cosine", 0.0, 1.0), ("cosine", 5.0, 0.5), ("cosine", 2.5, (1 + math.sqrt(0.5)) / 2), ("cosine", 10.0, 0.0),
 ])
 def test_decay_factors(kind, progress, factor):
-    assert lr_factor(schedule(kind), progress) == pytest.approx(factor, abs=1e-12)
+    assert schedule(kind).factor(progress) == pytest.approx(factor, abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_warmup_rises_linearly_then_decay_spans_the_remaining_epochs(kind):
     args = schedule(kind, warmup=2)
-    assert [lr_factor(args, p) for p in (0.5, 1.0, 2.0)] == pytest.approx([0.25, 0.5, 1.0])
+    assert [args.factor(p) for p in (0.5, 1.0, 2.0)] == pytest.approx([0.25, 0.5, 1.0])
     # the decay runs over epochs 2..10: a quarter of it done at epoch 4
-    assert lr_factor(args, 4.0) == pytest.approx(0.75 if kind == "linear" else (1 + math.sqrt(0.5)) / 2)
+    assert args.factor(4.0) == pytest.approx(0.75 if kind == "linear" else (1 + math.sqrt(0.5)) / 2)
 
 
 def test_weight_decay_on_conv_and_linear_weights_only():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=4, bias=True),
                         nn.Flatten(), nn.Linear(4, 2))
-    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, depthwise_decay=True,
-                                 dense_generator_update=False)
-    decay, no_decay = build_optimizer(net, args).param_groups
+    decay, no_decay = build_optimizer(net, lr=0.1, momentum=0.9, weight_decay=1e-4).param_groups
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
     assert {id(p) for p in decay["params"]} == {id(net[0].weight), id(net[2].weight), id(net[4].weight)}
     assert {id(p) for p in no_decay["params"]} == {id(net[1].weight), id(net[1].bias), id(net[0].bias),
@@ -151,9 +149,7 @@ def test_weight_decay_on_conv_and_linear_weights_only():
 
 def test_a_pruningnet_decays_its_generator_matrices_not_their_biases_or_bn():
     net = create_model("mobilenetv2_pruningnet", num_classes=3, width_mult=0.25, small_input=True)
-    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, depthwise_decay=True,
-                                 dense_generator_update=False)
-    decay = {id(p) for p in build_optimizer(net, args).param_groups[0]["params"]}
+    decay = {id(p) for p in build_optimizer(net, lr=0.1, momentum=0.9, weight_decay=1e-4).param_groups[0]["params"]}
     for name, p in net.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         bn = ".bn" in name or "bn." in name or name.startswith("bn")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import meta_search_exp
 from app import checkpoint
 from conftest import ROOT
 from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, invoke, snapshot, train
+from search import record
 
 CKPT = "checkpoints/meta_prune"
 PRUNINGNET = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
@@ -189,13 +189,13 @@ def test_a_signal_after_the_last_search_iteration_leaves_complete_outputs(pruned
     os.remove(pruned / FLOPS0)
     export = pruned / FLOPS0.replace("_checkpoint.pth.tar", "_best_prunednet.pth.tar")
     os.remove(export)
-    original = meta_search_exp.export_best
+    original = record.export_best
 
     def signalled_then_export(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives after the last iteration, before the export
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(meta_search_exp, "export_best", signalled_then_export)
+    monkeypatch.setattr(record, "export_best", signalled_then_export)
     r = invoke("meta_search_exp.py", *SEARCH, cwd=pruned)
     assert r.returncode == 128 + signal.SIGTERM
     assert export.is_file() and checkpoint.load(export, checkpoint.MODEL)["gene"]

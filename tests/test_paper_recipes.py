@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-import meta_search_exp
 from app import checkpoint
 from app.config import run_files
 from conftest import ROOT
@@ -13,6 +12,7 @@ from data.synthetic import make_image_folder
 from helpers import dry_run, invoke
 from models import get_family
 from models.cost import cost_model
+from search import record
 
 PAPER = ROOT / "experiments/imagenet/paper"
 # the MetaPruning rows of the official README's tables: (family, row)
@@ -37,7 +37,7 @@ def test_each_rows_files_connect(family, row, tmp_path):
     c = chain(family, row, tmp_path)
     trained, _ = run_files(c["pruningnet"])
     assert c["search"].resume == str(trained)  # the search scores with the PruningNet's last checkpoint
-    searched = meta_search_exp.search_files(c["search"], ["--json", str(PAPER / f"{family}_{row}_search.json")])
+    searched = record.search_files(c["search"])
     assert c["retrain"].search_resume == str(searched.checkpoint) and c["retrain"].candidate == 0
     outputs = [run_files(c[s])[0] for s in ("pruningnet", "retrain", "uniform")] + [searched.checkpoint]
     assert len(set(outputs)) == 4  # no step writes another step's files
@@ -55,7 +55,7 @@ def test_no_two_rows_share_an_output(tmp_path):
         for step in ("retrain", "uniform"):
             assert run_files(c[step])[0] not in outputs
             outputs.add(run_files(c[step])[0])
-        searched = meta_search_exp.search_files(c["search"], ["--json", str(PAPER / f"{family}_{row}_search.json")])
+        searched = record.search_files(c["search"])
         assert searched.checkpoint not in outputs
         outputs.add(searched.checkpoint)
 

@@ -204,7 +204,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path):
         (["latin1.jsonl"], ["latin1.jsonl: not UTF-8 text", "expected a JSONL log"]),
         (["good.jsonl", "bad_step.jsonl"], ["bad_step.jsonl:1: a step record without epoch, step, top1, lr, img_s"]),
         (["good.jsonl", "--replay", "run.visdom"], ["--replay run.visdom:1: not a visdom log line", "[1]"]),
-        (["--replay", "run.visdom", "--vis-port", "70000"], ["--vis-port must be from 1 to 65535"]),
+        (["--replay", "run.visdom", "--vis-port", "70000"], ["--vis-port must be a TCP port in 1..65535, got 70000"]),
     ]
     for i, (args, words) in enumerate(cases):  # the first as a process, as a user runs it; the rest in this one
         r = cli(tmp_path, *args) if i == 0 else invoke("utils/plot.py", *args, cwd=tmp_path)

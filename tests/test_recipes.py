@@ -1,13 +1,12 @@
 """The options MetaPruning's official recipes need: step decay, PCA lighting, weight decay without the
 depthwise convs, dropout as a flag, and a recalibration batch size of its own."""
 import json
-import types
 
 import pytest
 import torch
 from torch import nn
 
-from app.engine import Trainer, build_optimizer, lr_factor
+from app.engine import LRSchedule, Trainer, build_optimizer
 from data import folder
 from helpers import TINY_DATA, TINY_TRAIN, assert_one_line_error, dry_run, invoke, train
 from models import create_model
@@ -16,22 +15,21 @@ from search.evaluator import CandidateEvaluator
 TINY = dict(num_classes=5, width_mult=0.25, small_input=True)
 
 
-def schedule(**kw) -> types.SimpleNamespace:
-    return types.SimpleNamespace(**{"warmup_epochs": 0, "epochs": 10, "lr_scheduler": "step", "lr_milestones": [3, 6],
-                                    "lr_gamma": 0.1, **kw})
+def schedule(**kw) -> LRSchedule:
+    return LRSchedule("step", epochs=10, milestones=(3, 6), gamma=0.1, **kw)
 
 
 # the progress of a step is counted at its end: the last step of epoch 2 ends at 3.0
 @pytest.mark.parametrize("progress, factor", [(0.01, 1.0), (3.0, 1.0), (3.001, 0.1), (6.0, 0.1), (6.5, 0.01),
                                               (10.0, 0.01)])
 def test_step_decay_multiplies_by_gamma_at_each_milestone(progress, factor):
-    assert lr_factor(schedule(), progress) == pytest.approx(factor)
+    assert schedule().factor(progress) == pytest.approx(factor)
 
 
 def test_step_decay_after_warmup():
     args = schedule(warmup_epochs=2)
-    assert lr_factor(args, 1.0) == pytest.approx(0.5) and lr_factor(args, 2.5) == 1.0
-    assert lr_factor(args, 3.5) == pytest.approx(0.1)
+    assert args.factor(1.0) == pytest.approx(0.5) and args.factor(2.5) == 1.0
+    assert args.factor(3.5) == pytest.approx(0.1)
 
 
 def test_step_decay_in_a_run_starts_with_the_milestone_epoch(work, monkeypatch):
@@ -77,9 +75,8 @@ def test_lighting_adds_the_imagenet_principal_components_scaled_by_a_normal_draw
 @pytest.mark.parametrize("arch", ["mobilenetv2_prunednet", "mobilenetv2_pruningnet"])
 def test_no_depthwise_decay_spares_exactly_the_depthwise_weights(arch):
     model = create_model(arch, **TINY)
-    args = types.SimpleNamespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=4e-5, depthwise_decay=False,
-                                 dense_generator_update=False)
-    decayed = {id(p) for p in build_optimizer(model, args).param_groups[0]["params"]}
+    decayed = {id(p) for p in build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=4e-5, depthwise_decay=False)
+               .param_groups[0]["params"]}
     if arch.endswith("prunednet"):
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
@@ -88,8 +85,7 @@ def test_no_depthwise_decay_spares_exactly_the_depthwise_weights(arch):
     else:
         for m in model.convs:
             assert (id(m.weight2) in decayed) == (not m.spec.depthwise), m.spec.name
-    all_in = {id(p) for p in build_optimizer(model, types.SimpleNamespace(**{**vars(args), "depthwise_decay": True}))
-              .param_groups[0]["params"]}
+    all_in = {id(p) for p in build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=4e-5).param_groups[0]["params"]}
     assert decayed < all_in  # by default the depthwise weights decay too
 
 
@@ -132,7 +128,7 @@ def test_recalibration_batches_have_their_own_size(work, monkeypatch):
     ("trainer_exp.py", ["--arch", "resnet50_prunednet", "--dataset", "fashionmnist", "--lighting", "0.1"],
      "--lighting is noise on colour photos"),
     ("meta_search_exp.py", ["--arch", "mobilenetv2_pruningnet", "--recal-batch-size", "0"],
-     "must be positive integers, got 20, 0,"),
+     "--recal-batch-size must be a positive integer, got 0"),
 ])
 def test_recipe_flags_are_checked_before_any_work_also_in_a_dry_run(tmp_path, script, args, words):
     assert_one_line_error(invoke(script, *args, "--dry-run", cwd=tmp_path), words)

@@ -45,7 +45,7 @@ def tiny_trainer(schedule_kw: dict) -> Trainer:
               "lr_scheduler": "linear", "warmup_epochs": 0, "epochs": 1, "steps_per_epoch": 0, "amp": None,
               "channels_last": False, "sync_bn": False, "dataset": "imagenet", "arch": "resnet50_pruningnet",
               "lr_milestones": None, "lr_gamma": 0.1, "depthwise_decay": True, "dropout": None, "suffix": "",
-              "seed": 0, "input_size": 16, "dense_generator_update": False}
+              "seed": 0, "input_size": 16, "dense_generator_update": False, "output_dir": "."}
     return Trainer(argparse.Namespace(**config), net, {}, range(100), torch.device("cpu"), RunLogger(None, enabled=False),
                    validate=dict, schedule=GeneSchedule(net.spec.layout, 0, **schedule_kw))
 
@@ -81,8 +81,8 @@ def test_distillation_teaches_every_gene_but_the_widest_with_the_widests_predict
 def test_a_sandwich_step_adds_up_the_gradients_of_its_genes():
     trainer = tiny_trainer({"sandwich": 1})
     reference = copy.deepcopy(trainer.model)
-    opt = app.engine.build_optimizer(reference, argparse.Namespace(**{**vars(trainer.args),
-                                                                        "dense_generator_update": True}))
+    a = trainer.args
+    opt = app.engine.build_optimizer(reference, a.lr, a.momentum, a.weight_decay, a.nesterov, by_crop=False)
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
     genes = trainer.schedule.genes(0)
     for g in genes:  # the dense reference: one backward per gene into the same .grad

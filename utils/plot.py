@@ -23,7 +23,7 @@ from typing import Any
 import requests
 from matplotlib.figure import Figure
 
-from .cli import Parser, UserError, run_script
+from .cli import Parser, UserError, run_script, tcp_port
 from .logger import run_start
 
 MAX_DPI = 1000  # an 11 x 7 inch figure is then 11,000 x 7,000 pixels
@@ -308,7 +308,7 @@ def get_args_parser() -> Parser:
     p.flag("--dpi", type=int, default=110, help=f"PNG resolution, 1 to {MAX_DPI} (default: 110 dots per inch)")
     p.flag("--replay", type=Path, default=None, help="visdom log (logs/*.visdom) to play into a server")
     p.flag("--vis-server", default="http://127.0.0.1", help="visdom server address (with --replay)")
-    p.flag("--vis-port", type=int, default=8097, help="visdom server port (with --replay)")
+    p.flag("--vis-port", type=tcp_port, default=8097, help="visdom server port (with --replay)")
     return p
 
 
@@ -319,8 +319,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise UserError("nothing to do: give JSONL logs to plot, or --replay a visdom log")
     if not 1 <= args.dpi <= MAX_DPI:
         raise UserError(f"--dpi must be from 1 to {MAX_DPI} (dots per inch), got {args.dpi}")
-    if not 1 <= args.vis_port <= 65535:
-        raise UserError(f"--vis-port must be from 1 to 65535, got {args.vis_port}")
     pngs: dict[Path, tuple[Path, Figure]] = {}
     for log in args.logs:
         for suffix, fig in figures(log):
