@@ -21,7 +21,7 @@ from pathlib import Path
 
 from app import checkpoint
 from app.config import CHECKPOINT_SUBDIR, LOG_SUBDIR
-from models import Gene, GeneLayout, get_family
+from models import Gene, GeneLayout, get_family, list_families
 from models.cost import CostModel, cost_model
 from utils.cli import Parser, ReportedError, UserError, run_script
 from utils.files import save_text
@@ -163,7 +163,7 @@ def compare(p: Pipeline, fraction: float) -> dict:
 
 def get_args_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.flag("--arch", default="resnet50", choices=("resnet50", "mobilenetv2"))
+    p.flag("--arch", default="resnet50", choices=list_families())
     p.flag("--budget", type=float, default=0.25, help="MACs budget as a fraction of the full network's")
     p.flag("--seed", type=int, default=0)
     p.flag("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)")

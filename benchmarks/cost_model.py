@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from models import get_family
+from models import get_family, list_families
 from models.cost import cost_model
 
 
@@ -28,7 +28,7 @@ def rate(fn, n: int, repeats: int = 5) -> float:
 
 def main() -> None:
     torch.set_num_threads(1)
-    for arch in ("resnet50", "mobilenetv2"):
+    for arch in list_families():
         layout, model, rng = get_family(arch).layout, cost_model(arch), random.Random(0)
         genes = [layout.sample(rng) for _ in range(20000)]
         arr = np.array(genes)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from app.engine import gene_for_step
 from benchmarks.throughput import device_name, save_result, sync, training_step
-from models import create_model, get_family
+from models import create_model, get_family, list_families
 from models.pruningnet import IMAGE_CHANNELS, IMAGE_SLOT
 
 
@@ -45,14 +45,14 @@ def timed_steps(step, genes: list, device: torch.device) -> list[float]:
 def reduced_values(net: torch.nn.Module, genes: list) -> tuple[float, float]:
     """Mean values all-reduced per step: every gradient (dense), or the parameters outside the generator
     matrices plus each conv's generated-weight gradient ``dw`` (crop-aware)."""
-    matrices = [p for m in net.convs for p in (m.weight2, m.bias2)]
+    matrices = [p for m in net.convs.values() for p in (m.weight2, m.bias2)]
     dense = sum(p.numel() for p in net.parameters())
     rest = dense - sum(p.numel() for p in matrices)
     crops = []
     for gene in genes:
         ch = net.spec.channels(gene)
         total = 0
-        for m in net.convs:
+        for m in net.convs.values():
             c = m.spec
             cin = 1 if c.depthwise else (IMAGE_CHANNELS if c.in_slot == IMAGE_SLOT else ch[c.in_slot])
             total += ch[c.out_slot] * cin * c.kernel * c.kernel
@@ -106,7 +106,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     size, batch = (64, 16) if device.type == "cpu" else (224, 64)
-    rows = [measure(arch, device, size, batch, args.steps, args.rounds) for arch in ("resnet50", "mobilenetv2")]
+    rows = [measure(arch, device, size, batch, args.steps, args.rounds) for arch in list_families()]
     result = {"device": device_name(device), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
     save_result(args.out, f"crop_training_{device.type}.json", result)
     print(f"device: {result['device']}, torch {torch.__version__}")

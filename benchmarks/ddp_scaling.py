@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 from benchmarks.throughput import device_name
 from data.synthetic import make_image_folder
-from models import create_model, get_family
+from models import create_model, get_family, list_families
 
 
 def epoch_rate(log: Path) -> float:
@@ -35,7 +35,7 @@ def epoch_rate(log: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="resnet50", choices=("resnet50", "mobilenetv2"))
+    p.add_argument("--arch", default="resnet50", choices=list_families())
     p.add_argument("--width", default="0.25")
     p.add_argument("--batch", type=int, default=64, help="global batch")
     p.add_argument("--images", type=int, default=160, help="training images per class")

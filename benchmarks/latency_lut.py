@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 from benchmarks.throughput import device_name
-from models import PrunedNet, get_family
+from models import PrunedNet, get_family, list_families
 from search import latency
 
 
@@ -36,7 +36,7 @@ def errors(rows: list[dict], key: str) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="mobilenetv2", choices=("resnet50", "mobilenetv2"))
+    p.add_argument("--arch", default="mobilenetv2", choices=list_families())
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--genes", type=int, default=12)

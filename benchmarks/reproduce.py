@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from app import checkpoint
 from app.config import SPLIT_SUBDIR
 from data import get_data
-from models import Gene
+from models import Gene, list_families
 from models.gene import NUM_SCALES
 from pipeline import FULL, QUICK, Pipeline, Recipe, compare
 from search.evaluator import search_evaluator
@@ -203,7 +203,7 @@ def plot(tau_rows: list[dict], tau: float, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="resnet50", choices=("resnet50", "mobilenetv2"))
+    ap.add_argument("--arch", default="resnet50", choices=list_families())
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.5], help="none: the tau genes only")
     ap.add_argument("--tau-genes", type=int, default=12, help="0: no proxy-quality stage")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from app.engine import GeneSchedule, Trainer, evaluate, gene_for_step
-from models import create_model, get_family, recalibrate_bn
+from models import create_model, get_family, list_families, recalibrate_bn
 from models.cost import cost_model
 from utils.logger import RunLogger
 
@@ -150,12 +150,12 @@ def main() -> None:
     steps = 2 if args.quick else 5
     rows = []
     torch.set_num_threads(1)
-    for arch in ("resnet50", "mobilenetv2"):
+    for arch in list_families():
         rows.append({"what": "cost model", "arch": arch, "setting": "224px, 1 core", "value": round(cost_rate(arch)),
                      "unit": "genes/s"})
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # training and scoring use every core
     cpu = device.type == "cpu"
-    for arch in ("resnet50", "mobilenetv2"):
+    for arch in list_families():
         settings = [(64, 16, None, False)] if cpu else [(224, 64, None, False), (224, 64, "bf16", False),
                                                         (224, 64, "bf16", True)]
         for size, batch, amp, cl in settings:

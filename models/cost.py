@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .gene import SCALES, Gene
-from .pruningnet import IMAGE_CHANNELS, IMAGE_SLOT, ArchSpec, conv_out_size
+from .pruningnet import IMAGE_CHANNELS, IMAGE_SLOT, ArchSpec, PrunedNet, walk
 from .registry import MAX_WIDTH_MULT, get_family, small_input_for
 
 _SCALES_NP = np.array(SCALES)
@@ -49,17 +49,9 @@ class CostModel:
         macs1: dict[int, int] = defaultdict(int)              # coefficient of ch[a]
         params2: dict[tuple[int, int], int] = defaultdict(int)
         params1: dict[int, int] = defaultdict(int)
-        size = input_size
-        for block in spec.blocks:
-            block_in = size
-            for conv in block.convs:
-                size = conv_out_size(size, conv.kernel, conv.stride)
-                self._add_conv(conv, size, image, macs2, macs1, params2, params1)
-            if block.shortcut is not None:
-                out = conv_out_size(block_in, block.shortcut.kernel, block.shortcut.stride)
-                self._add_conv(block.shortcut, out, image, macs2, macs1, params2, params1)
-            if block.maxpool:
-                size = conv_out_size(size, 3, 2)
+        blocks, size = walk(spec, input_size)
+        for placed in (c for b in blocks for c in b.convs):
+            self._add_conv(placed.conv, placed.out_size, image, macs2, macs1, params2, params1)
         if size < 1:
             raise ValueError(f"input size {input_size} is too small for {spec.layout.family}")
         macs1[spec.classifier_slot] += num_classes
@@ -196,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
            "mparams": round(cost.params / 1e6, 3)}
     table = channel_table(model.spec, gene, args.num_classes)
     if args.ptflops:
-        from .pruningnet import PrunedNet
-
         out["ptflops_macs"] = ptflops_macs(PrunedNet(model.spec, gene, args.num_classes), args.input_size)
     if args.json:
         out["channels"] = table

@@ -18,7 +18,7 @@ from .gene import FULL_ID, NUM_SCALES, SCALES, Gene, GeneLayout, channels
 IMAGE_SLOT = -1  # pseudo gene slot of the input image (3 channels, never pruned)
 IMAGE_CHANNELS = 3
 
-_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
 _FUNCTIONAL = {"relu": F.relu, "relu6": F.relu6}
 
 
@@ -64,7 +64,12 @@ class ArchSpec:
         return [channels(b, g) for b, g in zip(self.bases, gene)]
 
     def convs(self) -> list[ConvSpec]:
-        return [c for b in self.blocks for c in (*b.convs, *([b.shortcut] if b.shortcut else []))]
+        return [c for b in self.blocks for c in block_convs(b)]
+
+
+def block_convs(block: BlockSpec) -> tuple[ConvSpec, ...]:
+    """A block's convs in spec order: its main path, then its projection shortcut."""
+    return (*block.convs, *([block.shortcut] if block.shortcut else []))
 
 
 def conv_out_size(size: int, kernel: int, stride: int) -> int:
@@ -72,18 +77,63 @@ def conv_out_size(size: int, kernel: int, stride: int) -> int:
     return (size + 2 * (kernel // 2) - kernel) // stride + 1
 
 
+@dataclass(frozen=True)
+class PlacedConv:
+    """A conv of a spec with the spatial size of its input and of its output."""
+
+    conv: ConvSpec
+    in_size: int
+    out_size: int
+
+
+@dataclass(frozen=True)
+class PlacedBlock:
+    """A block with its placed convs (``block_convs`` order) and the size of its output before any max-pool."""
+
+    block: BlockSpec
+    convs: tuple[PlacedConv, ...]
+    out_size: int
+
+
+def walk(spec: ArchSpec, input_size: int) -> tuple[list[PlacedBlock], int]:
+    """Every block of ``spec`` at ``input_size``, with the spatial sizes its convs see, in spec order;
+    and the size of the final feature map. The cost model and the latency table read the network
+    through this one walk."""
+    blocks, size = [], input_size
+    for block in spec.blocks:
+        block_in, placed = size, []
+        for conv in block.convs:
+            out = conv_out_size(size, conv.kernel, conv.stride)
+            placed.append(PlacedConv(conv, size, out))
+            size = out
+        if block.shortcut is not None:
+            placed.append(PlacedConv(block.shortcut, block_in,
+                                     conv_out_size(block_in, block.shortcut.kernel, block.shortcut.stride)))
+        blocks.append(PlacedBlock(block, tuple(placed), size))
+        if block.maxpool:
+            size = conv_out_size(size, 3, 2)
+    return blocks, size
+
+
+def module_key(name: str) -> str:
+    """The module key of the conv named ``name``: the name, with ``_`` for the dots a key may not hold."""
+    return name.replace(".", "_")
+
+
 def _in_channels(conv: ConvSpec, ch: list[int]) -> int:
     return IMAGE_CHANNELS if conv.in_slot == IMAGE_SLOT else ch[conv.in_slot]
 
 
-class _ConvBN(nn.Module):
+class ConvBN(nn.Module):
+    """A PrunedNet's conv → BN (→ activation) for one ``ConvSpec`` at the gene's channel counts."""
+
     def __init__(self, conv: ConvSpec, ch: list[int]) -> None:
         super().__init__()
         cin, cout = _in_channels(conv, ch), ch[conv.out_slot]
         self.conv = nn.Conv2d(cin, cout, conv.kernel, conv.stride, conv.kernel // 2,
                               groups=cout if conv.depthwise else 1, bias=False)
         self.bn = nn.BatchNorm2d(cout)
-        self.act = _ACTIVATIONS[conv.act](inplace=True) if conv.act else nn.Identity()
+        self.act = ACTIVATIONS[conv.act](inplace=True) if conv.act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -92,11 +142,15 @@ class _ConvBN(nn.Module):
 class _PrunedBlock(nn.Module):
     def __init__(self, block: BlockSpec, ch: list[int]) -> None:
         super().__init__()
-        self.body = nn.Sequential(*[_ConvBN(c, ch) for c in block.convs])
-        self.shortcut = _ConvBN(block.shortcut, ch) if block.shortcut else None
+        self.body = nn.Sequential(*[ConvBN(c, ch) for c in block.convs])
+        self.shortcut = ConvBN(block.shortcut, ch) if block.shortcut else None
+        self.names = [c.name for c in block_convs(block)]  # of the modules of ``convs()``
         self.identity = block.identity
-        self.act = _ACTIVATIONS[block.act](inplace=True) if block.act else nn.Identity()
+        self.act = ACTIVATIONS[block.act](inplace=True) if block.act else nn.Identity()
         self.pool = nn.MaxPool2d(3, 2, 1) if block.maxpool else nn.Identity()
+
+    def convs(self) -> list[ConvBN]:
+        return [*self.body, *([self.shortcut] if self.shortcut is not None else [])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
@@ -121,12 +175,9 @@ class PrunedNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def conv_bns(self) -> list[_ConvBN]:
-        """Every conv+BN in spec order (``ArchSpec.convs``)."""
-        out = []
-        for blk in self.blocks:
-            out += list(blk.body) + ([blk.shortcut] if blk.shortcut is not None else [])
-        return out
+    def conv_bns(self) -> dict[str, ConvBN]:
+        """Every conv+BN by its spec name, in spec order (``ArchSpec.convs``)."""
+        return {name: m for blk in self.blocks for name, m in zip(blk.names, blk.convs(), strict=True)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(x)
@@ -266,13 +317,25 @@ class PruningNet(nn.Module):
         self.spec, self.num_classes = spec, num_classes
         all_ids = tuple(range(NUM_SCALES))
         scale_ids = {s: (FULL_ID,) if s in spec.layout.fixed else all_ids for s in range(len(spec.bases))}
-        self.convs = nn.ModuleList(GeneratedConv(c, spec.bases, scale_ids) for c in spec.convs())
+        # keyed by the conv's name: state-dict keys say which layer they are, and a PrunedNet's convs
+        # pair with their generators by name
+        self.convs = nn.ModuleDict({module_key(c.name): GeneratedConv(c, spec.bases, scale_ids) for c in spec.convs()})
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
         self.classifier = nn.Linear(spec.bases[spec.classifier_slot], num_classes)
         self.register_buffer("scales", torch.tensor(SCALES), persistent=False)
+        self.register_load_state_dict_pre_hook(PruningNet._numbered_keys)
 
-    def generate(self, gene: Gene) -> list[torch.Tensor]:
-        """All conv weights of ``gene``, in spec order. Called once per gene, never per sample.
+    def _numbered_keys(self, state_dict: dict, prefix: str, *_: object) -> None:
+        """Read the weights of a checkpoint written before the generators were keyed by name
+        (``convs.{i}.``, spec order) under their names."""
+        keys = list(self.convs)
+        for old in [k for k in state_dict if k.startswith(f"{prefix}convs.")]:
+            index, _, rest = old[len(prefix) + 6:].partition(".")
+            if index.isdigit() and int(index) < len(keys):
+                state_dict[f"{prefix}convs.{keys[int(index)]}.{rest}"] = state_dict.pop(old)
+
+    def generate(self, gene: Gene) -> dict[str, torch.Tensor]:
+        """All conv weights of ``gene``, by conv name in spec order. Called once per gene, never per sample.
 
         Always in fp32, also under autocast: a low-precision generator would first cast the whole
         fp32 crop of every generator matrix (``h`` times the weight's size) to a new copy; the conv
@@ -284,18 +347,21 @@ class PruningNet(nn.Module):
         ch = self.spec.channels(gene)
         with torch.autocast(device.type, enabled=False):
             ratios = self.scales[ids]
-            return [m.generate(ratios, _in_channels(m.spec, ch), ch[m.spec.out_slot]) for m in self.convs]
+            return {m.spec.name: m.generate(ratios, _in_channels(m.spec, ch), ch[m.spec.out_slot])
+                    for m in self.convs.values()}
 
     def forward(self, x: torch.Tensor, gene: Gene) -> torch.Tensor:
-        weights = iter(zip(self.convs, self.generate(gene)))
+        weights = self.generate(gene)
+
+        def conv(c: ConvSpec, inp: torch.Tensor) -> torch.Tensor:
+            return self.convs[module_key(c.name)](inp, weights[c.name], gene[c.out_slot])
+
         for block in self.spec.blocks:
             inp = x
-            for _ in block.convs:
-                m, w = next(weights)
-                x = m(x, w, gene[m.spec.out_slot])
+            for c in block.convs:
+                x = conv(c, x)
             if block.shortcut is not None:
-                m, w = next(weights)
-                x = x + m(inp, w, gene[m.spec.out_slot])
+                x = x + conv(block.shortcut, inp)
             elif block.identity:
                 x = x + inp
             if block.act:
@@ -316,8 +382,10 @@ class PruningNet(nn.Module):
         with torch.device("meta"):
             net = PrunedNet(self.spec, gene, self.num_classes)
         net = net.to_empty(device=self.scales.device)
-        for gconv, target, w in zip(self.convs, net.conv_bns(), self.generate(gene)):
-            target.conv.weight.copy_(w)
+        weights = self.generate(gene)
+        for name, target in net.conv_bns().items():
+            gconv = self.convs[module_key(name)]
+            target.conv.weight.copy_(weights[name])
             src = gconv.bns[str(gene[gconv.spec.out_slot])]
             target.bn.running_mean.copy_(src.running_mean)
             target.bn.running_var.copy_(src.running_var)

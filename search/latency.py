@@ -36,7 +36,7 @@ from torch import nn
 
 from models import ArchSpec, Gene, PrunedNet
 from models.gene import FULL_ID, channels
-from models.pruningnet import _ACTIVATIONS, IMAGE_CHANNELS, IMAGE_SLOT, BlockSpec, ConvSpec, _ConvBN, conv_out_size
+from models.pruningnet import ACTIVATIONS, IMAGE_CHANNELS, IMAGE_SLOT, BlockSpec, ConvBN, ConvSpec, walk
 from utils.files import save_text
 
 GRID = (0, 5, 10, 15, 20, 25, 30)
@@ -210,7 +210,7 @@ class _Tail(nn.Module):
     def __init__(self, block: BlockSpec) -> None:
         super().__init__()
         self.add = block.shortcut is not None or block.identity
-        self.act = _ACTIVATIONS[block.act](inplace=True) if block.act else nn.Identity()
+        self.act = ACTIVATIONS[block.act](inplace=True) if block.act else nn.Identity()
         self.pool = nn.MaxPool2d(3, 2, 1) if block.maxpool else nn.Identity()
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -220,20 +220,14 @@ class _Tail(nn.Module):
 def _parts(spec: ArchSpec, input_size: int) -> tuple[list[tuple[ConvSpec | BlockSpec, int]], int]:
     """Every timed part of the spec (its convs, and the tail of every block that has one) with the
     spatial size of its input, in spec order; and the final size."""
+    blocks, final = walk(spec, input_size)
     out: list[tuple[ConvSpec | BlockSpec, int]] = []
-    size = input_size
-    for block in spec.blocks:
-        block_in = size
-        for conv in block.convs:
-            out.append((conv, size))
-            size = conv_out_size(size, conv.kernel, conv.stride)
-        if block.shortcut is not None:
-            out.append((block.shortcut, block_in))
-        if block.shortcut is not None or block.identity or block.act or block.maxpool:
-            out.append((block, size))
-        if block.maxpool:
-            size = conv_out_size(size, 3, 2)
-    return out, size
+    for placed in blocks:
+        out += [(c.conv, c.in_size) for c in placed.convs]
+        b = placed.block
+        if b.shortcut is not None or b.identity or b.act or b.maxpool:
+            out.append((b, placed.out_size))
+    return out, final
 
 
 def _choices(spec: ArchSpec, slot: int, grid: tuple[int, ...]) -> list[int]:
@@ -246,7 +240,7 @@ def _choices(spec: ArchSpec, slot: int, grid: tuple[int, ...]) -> list[int]:
 def _time_conv(spec: ArchSpec, conv: ConvSpec, size: int, cin: int, cout: int, device: torch.device,
                batch_size: int, repeats: int, clock: Clock) -> float:
     ch = {conv.in_slot: cout if conv.depthwise else cin, conv.out_slot: cout}
-    module = _ConvBN(conv, [ch.get(i, 0) for i in range(len(spec.bases))]).to(device).eval()
+    module = ConvBN(conv, [ch.get(i, 0) for i in range(len(spec.bases))]).to(device).eval()
     x = torch.randn(batch_size, ch[conv.in_slot] if conv.in_slot != IMAGE_SLOT else IMAGE_CHANNELS, size, size,
                     device=device)
     return time_ms(lambda: module(x), device, repeats, clock=clock)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 from app.crop_sgd import CropGradScaler, CropSGD
 from app.engine import build_optimizer, gene_for_step, wrap_ddp
-from models import create_model, get_family
+from models import create_model, get_family, list_families
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,7 +43,7 @@ def expand_crop_gradients(dense: torch.nn.Module, crop: torch.nn.Module) -> None
     gradients as the full-size, zero-filled ``.grad`` autograd would have made."""
     for p, q in zip(dense.parameters(), crop.parameters()):
         p.grad = None if q.grad is None else q.grad.clone()
-    for d, c in zip(dense.convs, crop.convs):
+    for d, c in zip(dense.convs.values(), crop.convs.values()):
         d.weight2.grad, d.bias2.grad = torch.zeros_like(d.weight2), torch.zeros_like(d.bias2)
         for g in c.crop_grads:
             d.weight2.grad[:g.cout, :g.cin] += g.dw.unsqueeze(-1) * g.hidden
@@ -89,10 +89,10 @@ def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = No
             scalers[0].scale(loss).backward()
             with torch.no_grad():  # what the forward generated: nothing has moved the weights since
                 got = crop.generate(gene)
-            worst["generated"] = max(worst["generated"], *(relative(a, b) for a, b in zip(want, got)))
+            worst["generated"] = max(worst["generated"], *(relative(w, got[name]) for name, w in want.items()))
         expand_crop_gradients(dense, crop)
         if world > 1:
-            for d in dense.convs:  # the dense reduction of the generators; the rest DDP reduced already
+            for d in dense.convs.values():  # the dense reduction of the generators; the rest DDP reduced already
                 for g in (d.weight2.grad, d.bias2.grad):
                     dist.all_reduce(g)
                     g.div_(world)
@@ -119,7 +119,7 @@ def lockstep(family: str, nesterov: bool, steps: int, resume_at: int | None = No
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    result = {family: lockstep(family, nesterov=family == "resnet50", steps=20) for family in ("resnet50", "mobilenetv2")}
+    result = {family: lockstep(family, nesterov=family == "resnet50", steps=20) for family in list_families()}
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(result))
     dist.destroy_process_group()

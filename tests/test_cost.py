@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, random_gene
-from models import create_model, get_family
+from models import create_model, get_family, list_families
 from models.cost import cost_model, count_by_hooks, ptflops_macs
 from models.cost import main as cost_main
 
@@ -38,7 +38,7 @@ def test_reference_models_count_the_same(arch, gene, macs, params):
     assert count_by_hooks(net, 224) == macs
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "mobilenetv2"])
+@pytest.mark.parametrize("arch", list_families())
 @pytest.mark.parametrize("input_size, width_mult, num_classes", [(32, 0.25, 10), (64, 0.5, 100), (96, 0.3, 7), (57, 1.0, 10)])
 def test_cost_equals_hook_count(arch, input_size, width_mult, num_classes):
     rng = random.Random(input_size)
@@ -53,7 +53,7 @@ def test_cost_equals_hook_count(arch, input_size, width_mult, num_classes):
         assert cost.params == sum(p.numel() for p in net.parameters())
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "mobilenetv2"])
+@pytest.mark.parametrize("arch", list_families())
 def test_batch_cost_equals_single(arch):
     rng = random.Random(7)
     layout = get_family(arch).layout

@@ -13,9 +13,9 @@ from app.crop_sgd import CropGradScaler, CropSGD, step_map
 from app.engine import gene_for_step
 from conftest import ROOT
 from crop_lockstep import build, expand_crop_gradients, lockstep
-from models import create_model, get_family
+from models import create_model, get_family, list_families
 
-FAMILIES = ["resnet50", "mobilenetv2"]
+FAMILIES = list_families()
 TOLERANCE = 1e-5
 
 
@@ -24,13 +24,13 @@ def test_the_crop_backward_gives_autograds_gradients(family):
     torch.manual_seed(0)
     dense = create_model(f"{family}_pruningnet", num_classes=5, width_mult=0.125, small_input=True).eval()
     crop = copy.deepcopy(dense)
-    for m in crop.convs:
+    for m in crop.convs.values():
         m.crop_grads = []
     gene = gene_for_step(get_family(family).layout, 0, 3)
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     for net in (dense, crop):  # eval mode: no dropout draw, the two forwards are the same computation
         F.cross_entropy(net(x, gene), y).backward()
-    for d, c in zip(dense.convs, crop.convs):
+    for d, c in zip(dense.convs.values(), crop.convs.values()):
         assert c.weight2.grad is None and c.bias2.grad is None  # no full-size gradient exists
         assert len(c.crop_grads) == 1
     reference = copy.deepcopy(dense)
@@ -98,7 +98,7 @@ def test_an_overflow_in_a_crop_gradient_alone_skips_the_step_and_lowers_the_scal
     before = {k: v.detach().clone() for k, v in model.state_dict().items() if ".bns." not in k}  # up to date
     opt.zero_grad()
     scaler.scale(F.cross_entropy(model(x, gene), y)).backward()
-    model.convs[3].crop_grads[0].dw[0, 0, 0] = float("inf")  # every .grad stays finite
+    model.convs["stage2_0_expand"].crop_grads[0].dw[0, 0, 0] = float("inf")  # every .grad stays finite
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     scaler.step(opt)
     scaler.update()

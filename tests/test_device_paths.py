@@ -72,10 +72,10 @@ def test_the_generator_runs_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         weights = net.generate(gene)
         out = net(torch.randn(2, 3, 16, 16), gene)
-    assert all(w.dtype == torch.float32 for w in weights)
+    assert all(w.dtype == torch.float32 for w in weights.values())
     assert out.dtype == torch.bfloat16  # the convs themselves still run in bf16
-    for w, reference in zip(weights, net.generate(gene)):
-        assert torch.equal(w, reference)  # the very fp32 weights generated outside autocast
+    reference = net.generate(gene)
+    assert all(torch.equal(w, reference[name]) for name, w in weights.items())  # the fp32 weights made outside
 
 
 def test_an_fp16_first_step_skipped_by_the_grad_scaler_leaves_sgd_exact():
@@ -351,12 +351,14 @@ def test_materialize_builds_on_the_pruningnets_device_without_drawing_random_num
     pruned = net.materialize(gene)
     assert torch.equal(torch.get_rng_state(), before)
     # every tensor set from the PruningNet: generated convs, its BN statistics, unit BN affine
-    for m, w in zip(pruned.conv_bns(), net.generate(gene)):
-        assert torch.equal(m.conv.weight, w)
+    weights, targets = net.generate(gene), pruned.conv_bns()
+    assert list(weights) == list(targets) == [c.name for c in net.spec.convs()]
+    for name, m in targets.items():
+        assert torch.equal(m.conv.weight, weights[name])
         assert torch.equal(m.bn.weight, torch.ones_like(m.bn.weight))
         assert torch.equal(m.bn.bias, torch.zeros_like(m.bn.bias))
-    for gconv, m in zip(net.convs, pruned.conv_bns()):
-        src = gconv.bns[str(gene[gconv.spec.out_slot])]
+    for gconv in net.convs.values():
+        m, src = targets[gconv.spec.name], gconv.bns[str(gene[gconv.spec.out_slot])]
         assert torch.equal(m.bn.running_mean, src.running_mean) and torch.equal(m.bn.running_var, src.running_var)
     assert torch.equal(pruned.classifier.weight, net.classifier.weight)
     assert all(t.device == net.scales.device for t in pruned.state_dict().values())

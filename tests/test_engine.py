@@ -18,7 +18,7 @@ from torch import nn
 from app import checkpoint
 from app.engine import LRSchedule, build_optimizer, check_resume, evaluate, gene_for_step
 from data import EpochSampler
-from models import create_model, get_family
+from models import create_model, get_family, list_families
 from models.gene import FULL_ID
 from utils.cli import UserError
 from utils.meters import correct_topk
@@ -81,7 +81,7 @@ def test_evaluate_counts_and_averages_over_batches_by_hand():
     assert out["loss"] == pytest.approx(sum(nll) / 7)
 
 
-LAYOUTS = {f: get_family(f + "_pruningnet").layout for f in ("resnet50", "mobilenetv2")}
+LAYOUTS = {f: get_family(f + "_pruningnet").layout for f in list_families()}
 
 
 @pytest.mark.parametrize("family", LAYOUTS)

@@ -8,11 +8,11 @@ import pipeline
 from app import checkpoint
 from data import get_data, make_loader
 from data.synthetic import make_fashion_mnist
-from models import get_family
+from models import get_family, list_families
 from models.cost import cost_model
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "mobilenetv2"])
+@pytest.mark.parametrize("arch", list_families())
 def test_quick_pipeline_searches_retrains_and_reports(arch, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = make_fashion_mnist(tmp_path / "fm", train_per_class=40, test_per_class=5)

@@ -83,7 +83,7 @@ def test_no_depthwise_decay_spares_exactly_the_depthwise_weights(arch):
                 assert (id(m.weight) in decayed) == (m.groups == 1), m  # full and 1x1 convs only
         assert id(model.classifier.weight) in decayed
     else:
-        for m in model.convs:
+        for m in model.convs.values():
             assert (id(m.weight2) in decayed) == (not m.spec.depthwise), m.spec.name
     all_in = {id(p) for p in build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=4e-5).param_groups[0]["params"]}
     assert decayed < all_in  # by default the depthwise weights decay too

@@ -16,14 +16,14 @@ from app.engine import GeneSchedule, Trainer, gene_for_step
 from conftest import ROOT
 from data.synthetic import make_image_folder
 from helpers import TINY_TRAIN, assert_one_line_error, invoke, read_jsonl, train
-from models import create_model, get_family
+from models import create_model, get_family, list_families
 from utils.logger import RunLogger
 
 CKPT = "checkpoints/meta_prune"
 PN = f"{CKPT}/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar"
 
 
-@pytest.mark.parametrize("family", ["resnet50", "mobilenetv2"])
+@pytest.mark.parametrize("family", list_families())
 def test_the_sandwich_schedule_is_widest_narrowest_then_random_genes_of_seed_and_step(family):
     layout = get_family(family).layout
     plain, sandwich = GeneSchedule(layout, 3), GeneSchedule(layout, 3, sandwich=2)

@@ -16,13 +16,13 @@ from app.engine import Trainer
 from conftest import ROOT
 from data import fixed_batches, get_data, make_loader
 from helpers import SPLITS, TINY_DATA, TINY_TRAIN, invoke, read_jsonl, run_script, train
-from models import get_family
+from models import get_family, list_families
 from search.evaluator import CandidateEvaluator
 
 CKPT = "checkpoints/meta_prune"
 
 
-@pytest.mark.parametrize("family", ["resnet50", "mobilenetv2"])
+@pytest.mark.parametrize("family", list_families())
 def test_pruningnet_epoch_checkpoint_rebuilds_model(work, family, monkeypatch):
     live = []  # the model the run trained, to compare the one rebuilt from its checkpoint with
     step = Trainer.train_step
