@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from models import MAX_INPUT_SIZE, MAX_WIDTH_MULT, MIN_INPUT_SIZE, list_models, small_input_for
 from utils.cli import Parser, ReportedError, UserError, positive_int, tcp_port
+from utils.files import read_text
 
 DATASETS = ("imagenet", "fashionmnist")
 DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashionmnist": 32}
@@ -199,16 +200,10 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
 
 def load_json(path: str) -> dict[str, Any]:
     """The ``--json`` experiment file as a dict; unreadable or non-object files are user errors."""
+    text = read_text(Path(path), f"--json {path}", "an experiment file (experiments/*.json)")
     try:
-        with open(path) as f:
-            cfg = json.load(f, parse_float=Spelled)  # a number keeps its text until the config is resolved
-    except FileNotFoundError:
-        raise UserError(f"--json {path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"--json {path}: is a folder; give an experiment file (experiments/*.json)") from None
-    except OSError as e:
-        raise UserError(f"--json {path}: cannot read it ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = json.loads(text, parse_float=Spelled)  # a number keeps its text until the config is resolved
+    except json.JSONDecodeError as e:
         raise UserError(f"--json {path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"--json {path}: the file must hold one JSON object of flag names to values")

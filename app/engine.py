@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data import make_loader
 from models import Gene, GeneLayout
 from models.pruningnet import GeneratedConv
 from utils.files import save_text
 from utils.logger import RunLogger, progress
 from utils.meters import correct_topk
+from utils.visdom_sink import make_sink
 
 from . import checkpoint
 from .config import TrainingStopped, UserError, checkpoint_dir, log_path, run_files, run_name
@@ -593,9 +595,6 @@ def run_training(args: argparse.Namespace, model: nn.Module, record: dict, data,
                  schedule: GeneSchedule | None = None, resume_state: dict | None = None) -> dict[str, float]:
     """What both training scripts do once model and data exist and the input is checked: the
     loader, the split file and the logger (rank 0), the epoch loop, and leaving the process group."""
-    from data import make_loader
-    from utils.visdom_sink import make_sink
-
     loader = make_loader(data.train, args.batch_size, True, args.workers, args.seed, dist_info.rank,
                          dist_info.world_size, pin_memory=device.type == "cuda")
     if len(loader) == 0:

@@ -78,8 +78,8 @@ def test_prunednet_from_gene_and_inherit(trained):
     convs = [k for k in expected if k.endswith("conv.weight")]
     assert convs and all(torch.equal(state["model"][k], expected[k]) for k in convs)  # lr 0 keeps inherited weights
     rebuilt = checkpoint.build_model(state)
-    assert [m.conv.out_channels for m in rebuilt.conv_bns()] == [m.conv.out_channels for m in pruning.materialize(
-        tuple(state["gene"])).conv_bns()]
+    assert [m.conv.out_channels for m in rebuilt.conv_bns().values()] == [m.conv.out_channels for m in pruning.materialize(
+        tuple(state["gene"])).conv_bns().values()]
 
 
 def test_interrupted_run_resumes_exactly(work, monkeypatch):

@@ -66,3 +66,18 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
 
 def save_text(text: str, path: str | Path) -> None:
     atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def read_text(path: Path, what: str, expected: str) -> str:
+    """The text of a UTF-8 file; a path that is missing, a folder, unreadable or not UTF-8 is a
+    UserError that starts with ``what`` and says what was ``expected``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{what}: is a folder; expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what}: not UTF-8 text (byte {e.start}); expected {expected}") from None
+    except OSError as e:
+        raise UserError(f"{what}: cannot read it ({e.strerror})") from None

@@ -24,6 +24,7 @@ import requests
 from matplotlib.figure import Figure
 
 from .cli import Parser, UserError, run_script, tcp_port
+from .files import read_text
 from .logger import run_start
 
 MAX_DPI = 1000  # an 11 x 7 inch figure is then 11,000 x 7,000 pixels
@@ -72,21 +73,6 @@ def row_problem(row: dict[str, Any]) -> str | None:
             if not isinstance(c, dict) or not all(_is(c.get(f), t) for f, t in CANDIDATE.items()):
                 return f"a search candidate without a numeric error and macs: {json.dumps(c)[:40]}"
     return None
-
-
-def read_text(path: Path, what: str, expected: str) -> str:
-    """The text of a UTF-8 file; a path that is missing, a folder, unreadable or not UTF-8 is a
-    UserError that starts with ``what`` and says what was ``expected``."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{what}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{what}: is a folder; expected {expected}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what}: not UTF-8 text (byte {e.start}); expected {expected}") from None
-    except OSError as e:
-        raise UserError(f"{what}: cannot read it ({e.strerror})") from None
 
 
 def json_lines(text: str, what: str, expected: str) -> list[tuple[int, Any]]:
@@ -279,7 +265,7 @@ def replay(log: Path, server: str, port: int, entries: list[tuple[int, str, dict
 
     ``entries`` are the log's checked lines when the caller has read them already (``read_replay``).
     """
-    from .visdom_sink import connect, failure, open_client
+    from .visdom_sink import connect, failure, open_client  # only replaying needs visdom, seconds to import
 
     if entries is None:
         entries = read_replay(log)
