@@ -50,6 +50,8 @@ class Recipe:
     val_per_class: int = 200       # sub-validation images per class that score candidates
     recal_batches: int = 4
     min_fraction: float = 0.0      # searched genes cost at least this fraction of the budget (0: no lower bound)
+    sandwich: int | None = None    # PruningNet: --sandwich N (None: one random gene per step, the paper's)
+    distill: bool = False          # PruningNet: --distill
 
 
 FULL = Recipe()
@@ -109,7 +111,9 @@ class Pipeline:
         """Train the PruningNet; its final probe metrics."""
         self._stage("PruningNet", "meta_trainer_exp.py", [
             "--arch", f"{self.arch}_pruningnet", *self.data, *self.train, "--lr", str(self.r.pruning_lr),
-            "--epochs", str(self.r.pruning_epochs), "--recal-batches", str(self.r.recal_batches)])
+            "--epochs", str(self.r.pruning_epochs), "--recal-batches", str(self.r.recal_batches),
+            *(["--sandwich", str(self.r.sandwich)] if self.r.sandwich is not None else []),
+            *(["--distill"] if self.r.distill else [])])
         return checkpoint.load(self.output(f"fashionmnist_{self.arch}_pruningnet_checkpoint.pth.tar"))["metrics"]
 
     def search(self, budget_mmac: float) -> list:

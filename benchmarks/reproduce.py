@@ -32,15 +32,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 from app import checkpoint
 from app.config import SPLIT_SUBDIR
+from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from data import get_data
 from models import Gene, list_families
 from models.gene import NUM_SCALES
 from pipeline import FULL, QUICK, Pipeline, Recipe, compare
 from search.evaluator import search_evaluator
 from utils.cli import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The main job's recipe, scaled up where the 15-minute limit made it thin: the PruningNet trained one
 # epoch longer, a 2.5x larger sub-validation split and a 2x larger recalibration set (a less noisy
@@ -76,6 +78,8 @@ class ReusingPipeline(Pipeline):
                 "width_mult": r.width, "batch_size": r.batch, "seed": self.seed, "val_per_class": r.val_per_class,
                 "steps_per_epoch": r.steps_per_epoch}
         differ = [k for k, v in want.items() if config.get(k) != v]
+        if (config.get("sandwich"), bool(config.get("distill"))) != (r.sandwich, r.distill):
+            differ.append("sandwich/distill")
         if differ:
             raise ValueError(f"--pruningnets {src}: trained with another recipe ({', '.join(differ)})")
         if finished["epoch"] != r.pruning_epochs:  # _best may come from an earlier epoch: the last one tells
@@ -113,26 +117,6 @@ def earlier_results(path: Path, recipe: Recipe) -> tuple[dict[tuple, dict], int,
     return done, tau_seed, tau_genes
 
 
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-b of two equally long score lists."""
-    concordant = discordant = ties_a = ties_b = 0
-    for i in range(len(a)):
-        for j in range(i + 1, len(a)):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    n = concordant + discordant
-    return (concordant - discordant) / (((n + ties_a) * (n + ties_b)) ** 0.5 or 1)
-
-
 def spread_genes(p: Pipeline, n: int, low: float, high: float, seed: int) -> list:
     """``n`` distinct random genes whose MACs spread evenly over [low, high] of the full network's.
 
@@ -158,6 +142,35 @@ def proxy_scores(p: Pipeline, genes: list, recal_batches: int) -> list[float]:
                     split_dir=p.run_dir / SPLIT_SUBDIR)
     evaluator = search_evaluator(net, data, recal_batches, p.r.batch, p.seed, torch.device("cpu"))
     return [evaluator.top1(g) for g in genes]
+
+
+def budget_genes(p: Pipeline, fraction: float, n: int, within: float, seed: int) -> list:
+    """``n`` distinct random genes whose MACs are within ``within`` (a fraction) of the budget of
+    ``fraction`` of the full MACs: the genes a search under that budget chooses between."""
+    rng, budget = random.Random(seed), fraction * p.costs(p.layout.full()).macs
+    picked: list = []
+    for _ in range(200000):
+        g = p.layout.sample(rng, *sorted((rng.randrange(NUM_SCALES), rng.randrange(NUM_SCALES))))
+        if g not in picked and abs(p.costs(g).macs / budget - 1) <= within:
+            picked.append(g)
+            if len(picked) == n:
+                return picked
+    raise ValueError(f"found {len(picked)} of {n} genes within {within:.0%} of {fraction:.0%} of the full MACs")
+
+
+def within_budget_tau(p: Pipeline, fractions: list[float], n: int, within: float) -> dict[str, dict]:
+    """Per budget: genes within ``within`` of its MACs, their PruningNet scores and from-scratch top-1,
+    and Kendall's tau between the two."""
+    out = {}
+    for fraction in fractions:
+        genes = budget_genes(p, fraction, n, within, seed=round(fraction * 1000))
+        proxy = proxy_scores(p, genes, p.r.recal_batches)
+        rows = [{"gene": p.layout.format(g), "mmac": round(p.costs(g).macs / 1e6, 3), "proxy_top1": round(s, 2),
+                 "scratch_top1": round(p.retrain(g, f"_budget{round(fraction * 100)}_{k:02d}")["top1"], 2)}
+                for k, (g, s) in enumerate(zip(genes, proxy))]
+        tau = kendall_tau([r["proxy_top1"] for r in rows], [r["scratch_top1"] for r in rows])
+        out[f"{fraction:g}"] = {"within": within, "tau": tau, "genes": rows}
+    return out
 
 
 def proxy_quality(p: Pipeline, genes: list, recals: list[int] | None) -> tuple[list[dict], dict, dict]:
@@ -217,12 +230,20 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="names a variant: runs/reproduce/{arch}{tag}, reproduce_{arch}{tag}.json")
     ap.add_argument("--reuse", type=Path, help="an earlier run's JSON: its from-scratch results and tau genes")
     ap.add_argument("--pruningnets", type=Path, help="an earlier run folder: its trained PruningNets")
+    ap.add_argument("--sandwich", type=int, help="PruningNet: --sandwich N (the widest, the narrowest, N random genes)")
+    ap.add_argument("--distill", action="store_true", help="PruningNet: in-place distillation (needs --sandwich)")
+    ap.add_argument("--retrain-epochs", type=int, help=f"retraining epochs (recipe: {REPRO.retrain_epochs})")
+    ap.add_argument("--budget-tau-genes", type=int, default=0,
+                    help="per budget, genes within --within of its MACs whose PruningNet ranking is measured")
+    ap.add_argument("--within", type=float, default=0.1, help="how near the budget those genes' MACs are")
     ap.add_argument("--quick", action="store_true", help="tiny recipe: checks the machinery, not the claims")
     args = ap.parse_args()
     recipe, start = (QUICK if args.quick else REPRO), time.perf_counter()
     recipe = replace(recipe, pruning_epochs=args.pruning_epochs or recipe.pruning_epochs,
                      recal_batches=args.recal_batches or recipe.recal_batches,
-                     iterations=args.iterations or recipe.iterations, min_fraction=args.min_fraction or 0.0)
+                     iterations=args.iterations or recipe.iterations, min_fraction=args.min_fraction or 0.0,
+                     retrain_epochs=args.retrain_epochs or recipe.retrain_epochs, sandwich=args.sandwich,
+                     distill=args.distill)
     tag = args.tag + ("_quick" if args.quick else "")
     if recipe != REPRO and not tag:
         ap.error("a changed recipe needs --tag (the reproduction's own results are not to be overwritten)")
@@ -250,32 +271,39 @@ def main() -> None:
     genes = [p.layout.parse(g) for g in reused_genes] or spread_genes(p, args.tau_genes, 0.15, 0.9, seed=1)
     tau_rows, tau_by_recal, tau_by_half = proxy_quality(p, genes, args.tau_recal) if genes else ([], {}, {})
     tau = tau_by_recal.get(recipe.recal_batches)
+    near = within_budget_tau(p, args.budgets, args.budget_tau_genes, args.within) if args.budget_tau_genes else {}
 
     lines = [f"## Small-scale reproduction ({args.arch}, Fashion-MNIST, CPU)", "",
              f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({(time.perf_counter() - start) / 3600:.1f} h on "
              f"this 2-core machine). Recipe: {json.dumps(asdict(recipe))}.", "",
-             "| budget (MACs) | searched top-1 (%) | uniform top-1 (%) | searched − uniform | seeds |",
-             "|---|---|---|---|---|"]
+             "| budget (MACs) | searched top-1 (%) | uniform top-1 (%) | searched − uniform | seeds | paired t p | "
+             "Wilcoxon p |", "|---|---|---|---|---|---|---|"]
     summary = []
     for fraction in args.budgets:
         rows = [c for c in comparisons if c["budget"] == fraction]
         s = [next(r["top1"] for r in c["results"] if r["network"] == "searched") for c in rows]
         u = [next(r["top1"] for r in c["results"] if r["network"] == "uniform") for c in rows]
-        d = [a - b for a, b in zip(s, u)]
-        summary.append({"budget": fraction, "searched": s, "uniform": u, "difference": d})
+        d = [a - b for a, b in zip(s, u)]  # paired: searched and uniform retrained with the same seed
+        t_p, w_p = (paired_t_p(d), wilcoxon_p(d)) if len(d) > 1 else (None, None)
+        summary.append({"budget": fraction, "searched": s, "uniform": u, "difference": d, "paired_t_p": t_p,
+                        "wilcoxon_p": w_p, "uniform_spread": max(u) - min(u)})
         lines.append(f"| {fraction:.0%} ({rows[0]['budget_mmac']} MMac) | {mean_std(s)} | {mean_std(u)} | "
-                     f"{mean_std(d)} | {len(rows)} |")
+                     f"{mean_std(d)} | {len(rows)} | {t_p if t_p is None else f'{t_p:.3f}'} | "
+                     f"{w_p if w_p is None else f'{w_p:.3f}'} |")
     if tau_rows:
         lines += ["", f"Kendall tau between PruningNet top-1 and from-scratch top-1 over {len(tau_rows)} genes "
                   f"(15–90% of the full MACs, seed {tau_seed}): **{tau:.3f}**; by recalibration batches: "
                   f"{', '.join(f'{n}: {t:.3f}' for n, t in tau_by_recal.items())}; over the genes of at most / "
                   f"more than half the full MACs: {tau_by_half['lower']:.3f} / {tau_by_half['upper']:.3f}", "",
                   "![proxy vs from-scratch top-1](reproduce_tau.png)", ""]
+    for fraction, t in near.items():
+        lines.append(f"Kendall tau over {len(t['genes'])} genes within ±{t['within']:.0%} of the "
+                     f"{float(fraction):.0%} budget (seed {tau_seed}): **{t['tau']:.3f}**")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     result = {"arch": args.arch, "command": " ".join(sys.argv), "recipe": asdict(recipe), "summary": summary,
               "comparisons": comparisons, "tau": tau, "tau_by_recal": tau_by_recal,
-              "tau_by_half": tau_by_half, "tau_genes": tau_rows,
+              "tau_by_half": tau_by_half, "tau_genes": tau_rows, "within_budget_tau": near,
               "reused_from": str(args.reuse) if args.reuse else None,
               "hours": round((time.perf_counter() - start) / 3600, 2)}
     (out / f"reproduce_{args.arch}{tag}.json").write_text(json.dumps(result, indent=1))

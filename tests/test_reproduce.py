@@ -1,10 +1,13 @@
 """The reproduction benchmark's own pieces: the proxy-quality genes, Kendall's tau, reuse of earlier results."""
 import json
+import math
+import statistics
 from dataclasses import asdict, replace
 
 import pytest
 
-from benchmarks.reproduce import ReusingPipeline, earlier_results, kendall_tau, spread_genes
+from benchmarks.reproduce import ReusingPipeline, budget_genes, earlier_results, spread_genes
+from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from data.synthetic import make_fashion_mnist
 from pipeline import QUICK, Pipeline
 
@@ -17,6 +20,29 @@ def test_tau_genes_are_distinct_and_cover_the_range(tmp_path):
     for k, g in enumerate(genes):
         target = 0.15 + 0.75 * (k + 0.5) / 12
         assert abs(p.costs(g).macs / full - target) < 0.02, (k, p.costs(g).macs / full)
+
+
+def test_paired_t_p_values_against_their_closed_forms():
+    # df 1: p = 1 - 2/pi atan|t|; df 2: p = 1 - |t| / sqrt(2 + t^2)
+    for d in ([2.0, 2.1], [0.3, -0.1], [1.0, 2.0, 4.0], [-0.5, 0.1, 0.2]):
+        t = statistics.mean(d) / (statistics.stdev(d) / math.sqrt(len(d)))
+        closed = 1 - 2 / math.pi * math.atan(abs(t)) if len(d) == 2 else 1 - abs(t) / math.sqrt(2 + t * t)
+        assert paired_t_p(d) == pytest.approx(closed, rel=1e-9)
+    assert paired_t_p([1.0, 1.0, 1.0]) == 0.0 and paired_t_p([0.0, 0.0]) == 1.0
+
+
+def test_wilcoxon_p_values_counted_by_hand():
+    assert wilcoxon_p([1, 2, 3, 4, 5]) == 2 / 32  # W+ at its maximum: 1 of 32 sign sets, and its mirror
+    assert wilcoxon_p([-1, 2, 3, 4, 5]) == 4 / 32  # W- = 1: {}, {1} and their mirrors
+    assert wilcoxon_p([1, -1, 2, 3]) == 6 / 16  # tied magnitudes share rank 1.5
+    assert wilcoxon_p([0, 0, 3]) == 1.0  # zeros dropped: one pair left, both signs as extreme
+
+
+def test_budget_genes_lie_within_the_band_around_the_budget(tmp_path):
+    p = Pipeline("resnet50", 0, QUICK, tmp_path)
+    genes = budget_genes(p, 0.25, 8, 0.1, seed=3)
+    budget = 0.25 * p.costs(p.layout.full()).macs
+    assert len(set(genes)) == 8 and all(abs(p.costs(g).macs / budget - 1) <= 0.1 for g in genes)
 
 
 def test_kendall_tau_b():
