@@ -114,6 +114,9 @@ def earlier_results(path: Path, recipe: Recipe) -> tuple[dict[tuple, dict], int,
         if r["gene"] not in tau_genes:
             tau_genes.append(r["gene"])
             done.setdefault((tau_seed, tuple(r["gene"])), {"top1": r["scratch_top1"]})
+    for band in old.get("within_budget_tau", {}).values():  # retrained with the tau seed too
+        for r in band["genes"]:
+            done.setdefault((tau_seed, tuple(r["gene"])), {"top1": r["scratch_top1"]})
     return done, tau_seed, tau_genes
 
 

@@ -59,21 +59,24 @@ def _earlier_run(path, recipe, genes):
         "comparisons": [{"seed": 1, "results": [{"network": "uniform", "gene": genes[1], "top1": 70.0,
                                                  "retrain_s": 9.0}]}],
         "tau_genes": [row, row, {**row, "gene": genes[2], "scratch_top1": 81.0}],
-        "tau_extra_genes": [{**row, "gene": genes[3], "scratch_top1": 82.0}]}))
+        "tau_extra_genes": [{**row, "gene": genes[3], "scratch_top1": 82.0}],
+        "within_budget_tau": {"0.25": {"within": 0.1, "tau": 0.0, "genes": [{**row, "gene": genes[4],
+                                                                            "scratch_top1": 75.0}]}}}))
 
 
 def test_earlier_results_give_distinct_tau_genes_and_results_by_seed_and_gene(tmp_path):
-    genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28)]
+    genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28, 7)]
     _earlier_run(tmp_path / "old.json", QUICK, genes)
     done, tau_seed, tau_genes = earlier_results(tmp_path / "old.json", QUICK)
     assert tau_seed == 1
     assert tau_genes == [genes[0], genes[2], genes[3]]  # the repeated gene once, extra genes after
     assert done[(1, tuple(genes[1]))]["top1"] == 70.0
     assert [done[(1, tuple(g))]["top1"] for g in tau_genes] == [80.0, 81.0, 82.0]
+    assert done[(1, tuple(genes[4]))]["top1"] == 75.0  # a within-budget gene: reused, not a tau gene
 
 
 def test_earlier_results_of_another_retraining_recipe_are_refused(tmp_path):
-    genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28)]
+    genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28, 7)]
     _earlier_run(tmp_path / "old.json", QUICK, genes)
     # the PruningNet's side of the recipe may differ: that is what a variant changes
     earlier_results(tmp_path / "old.json", replace(QUICK, pruning_epochs=9, recal_batches=7))
