@@ -165,8 +165,9 @@ def test_a_search_log_path_that_cannot_be_a_log_is_one_line(work):
 def test_cost_cli_refuses_a_width_it_cannot_count(capsys):
     from models.cost import main
 
-    assert main(["--arch", "resnet50", "--gene", str([-1] * 21), "--width-mult", "nan"]) == 2
-    assert "--width-mult must be a number in (0, 16], got nan" in capsys.readouterr().err
+    for width in ("nan", "inf"):  # inf used to overflow in the channel rounding
+        assert main(["--arch", "resnet50", "--gene", str([-1] * 21), "--width-mult", width]) == 2
+        assert f"--width-mult must be a number in (0, 16], got {width}" in capsys.readouterr().err
 
 
 def test_plot_refuses_numbers_no_plot_can_show(tmp_path):

@@ -129,6 +129,7 @@ def test_without_fp16_one_non_finite_loss_stops_training(work, monkeypatch):
     fake_losses(monkeypatch, [1.0, float("inf"), 1.0])
     r = invoke("meta_trainer_exp.py", *TINY_TRAIN, *PRUNING, "--epochs", "1", "--amp", "bf16", cwd=work)
     assert r.returncode == 1 and "the training loss became non-finite at epoch 0 step 1" in r.stderr
+    assert "no checkpoint was written yet: start the run again" in r.stderr  # none claimed before the first save
 
 
 # --- processes and devices -------------------------------------------------------------------------
@@ -284,6 +285,7 @@ def test_a_non_finite_loss_between_sync_points_is_found_before_anything_is_saved
     good = ckpt.read_bytes()
     r = invoke("meta_trainer_exp.py", *TINY_TRAIN, *args, "--lr", "1e30", "--resume", str(ckpt), cwd=work)
     assert r.returncode == 1 and "the training loss became non-finite at epoch 1 step" in r.stderr, r.stderr
+    assert f"the last good checkpoint {ckpt.relative_to(work)} is kept: --resume it" in r.stderr
     assert ckpt.read_bytes() == good  # the epoch's end (a save) came after the check
 
 
