@@ -105,10 +105,14 @@ def test_searches_under_other_budgets_keep_their_own_files(pruned):
                      "MetaPruneSearch_mobilenetv2_pruningnet_flops0_params50_checkpoint.pth.tar"]
 
 
-@pytest.mark.parametrize("script", ["meta_trainer_exp.py", "meta_search_exp.py"])
+@pytest.mark.parametrize("script", ["meta_trainer_exp.py", "meta_search_exp.py", "trainer_exp.py"])
 def test_a_finished_run_is_not_replaced_by_a_run_of_the_same_name(pruned, script):
     if script == "meta_search_exp.py":
         argv, own, flag = SEARCH, FLOPS0, "--search-resume"
+    elif script == "trainer_exp.py":
+        argv = [*TINY_DATA, "--arch", "mobilenetv2_prunednet", "--epochs", "1", "--search-resume", FLOPS0]
+        own, flag = f"{CKPT}/imagenet_mobilenetv2_prunednet_flops0_checkpoint.pth.tar", "--resume"
+        assert invoke(script, *argv, cwd=pruned).returncode == 0  # the finished run
     else:
         argv, own, flag = [*TINY_TRAIN, "--arch", "mobilenetv2_pruningnet", "--epochs", "1"], PRUNINGNET, "--resume"
     before = snapshot(pruned)
