@@ -1,6 +1,6 @@
 """Mutation check: each one-line bug below must make its test fail.
 
-Run: ``.venv/bin/python scripts/mutations.py [N ...]`` (all, or the numbered ones). Works on a scratch
+Run: ``.venv/bin/python scripts/mutations.py [N ...]`` (all, or the ones numbered from 0). Works on a scratch
 copy of the checkout, so an interrupted run leaves the working tree as it was. Prints one line per
 mutation, CAUGHT or MISSED, and exits 1 when any is missed.
 """
@@ -33,7 +33,7 @@ MUTATIONS = [
      "tests/test_engine.py::test_the_gene_of_a_step_is_a_function_of_seed_and_step_alone"),
     ("app/engine.py", "0.5 * (1 + math.cos(math.pi * t))", "0.5 * (1 + math.cos(math.pi * t * 0.9))",
      "tests/test_engine.py::test_decay_factors"),
-    ("app/engine.py", "return progress_ / args.warmup_epochs", "return 1.0",
+    ("app/engine.py", "return progress / self.warmup_epochs", "return 1.0",
      "tests/test_engine.py::test_warmup_rises_linearly_then_decay_spans_the_remaining_epochs"),
     ("app/engine.py", "if p.ndim > 1 and id(p) not in spared", "if p.ndim >= 1 and id(p) not in spared",
      "tests/test_engine.py::test_weight_decay_on_conv_and_linear_weights_only"),
@@ -55,6 +55,8 @@ MUTATIONS = [
      "tests/test_isolation.py::test_an_in_process_run_puts_back_what_it_set"),
     ("tests/helpers.py", 'own = script not in ENTRY_SCRIPTS or "--cpu" in args or "--gpu" in args', "own = True",
      "tests/test_isolation.py::test_entry_scripts_run_on_the_cpu_where_cuda_is_present"),
+    ("app/crop_sgd.py", "z.last[:cout, :cin] = self._steps + 1", "z.last[:cout, :cin] = self._steps",
+     "tests/test_crop_sgd.py::test_the_training_script_trains_the_same_weights_on_either_path"),
 ]
 
 

@@ -53,3 +53,22 @@ def test_entry_scripts_run_on_the_cpu_where_cuda_is_present(work, monkeypatch):
                cwd=work)
     assert r.returncode == 0, r.stderr
     assert checkpoint.load(work / "checkpoints/meta_prune/imagenet_mobilenetv2_prunednet_best.pth.tar")["config"]["cpu"]
+
+
+def test_every_planted_bug_of_the_mutation_check_still_has_its_line_and_its_test():
+    """scripts/mutations.py plants each bug by replacing a line's text: a refactor that rewrites the line
+    or renames the test would leave the check silently stale."""
+    import ast
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("mutations", ROOT / "scripts" / "mutations.py")
+    mutations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutations)
+    for path, original, mutated, test in mutations.MUTATIONS:
+        assert (ROOT / path).read_text().count(original) == 1, (path, original)
+        assert original != mutated
+        test_file, _, name = test.partition("::")
+        tree = ast.parse((ROOT / test_file).read_text())
+        assert name in {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}, test
