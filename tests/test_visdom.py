@@ -296,11 +296,15 @@ def test_each_run_says_whether_it_resumed(trained):
     assert run_rows("imagenet_mobilenetv2_pruningnet.jsonl") == [False, True]
     search = [*TINY_TRAIN, "--arch", "mobilenetv2_pruningnet", "--resume", pruningnet, "--population", "4",
               "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1"]
-    for epochs, extra in (("1", []), ("2", ["--search-resume", "checkpoints/meta_prune/MetaPruneSearch_mobilenetv2_"
-                                                               "pruningnet_flops0_checkpoint.pth.tar"])):
+    searched = "checkpoints/meta_prune/MetaPruneSearch_mobilenetv2_pruningnet_flops0_checkpoint.pth.tar"
+    for epochs, extra in (("1", []), ("2", ["--search-resume", searched])):
         r = invoke("meta_search_exp.py", *search, "--epochs", epochs, *extra, cwd=trained)
         assert r.returncode == 0, r.stderr
     assert run_rows("MetaPruneSearch_mobilenetv2_pruningnet_flops0.jsonl") == [False, True]
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "mobilenetv2_prunednet", "--epochs", "1",
+               "--search-resume", searched, cwd=trained)
+    assert r.returncode == 0, r.stderr
+    assert run_rows("imagenet_mobilenetv2_prunednet_flops0.jsonl") == [False]  # a search's gene, a fresh training
     quiet = RunLogger(trained / "nothing.txt", sink=make_sink(argparse.Namespace(visdom=False), "nothing",
                                                               trained / "nothing.txt", "env", resumed=False))
     quiet.close()  # a run that failed before its first record leaves no start that would hide the run before it
