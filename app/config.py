@@ -256,9 +256,10 @@ def parse_args(parser: Parser, argv: list[str] | None = None,
     if args.log_path:
         check_log_file(args.log_path, "--log-path")
     _check_ranges(args)
+    parsed = Config(**vars(args))  # the script's checks and derivations read it; none can write it
     if validate:
-        validate(args)
-    derived = derive(args) if derive else {}
+        validate(parsed)
+    derived = derive(parsed) if derive else {}
     return Config(**{k: float(v) if isinstance(v, Spelled) else v for k, v in {**vars(args), **derived}.items()})
 
 

@@ -160,3 +160,36 @@ def test_retrained_candidate_is_named_after_the_search_and_the_candidate(name, e
     cfg = dry_run("meta_trainer_exp.py", "--arch", "resnet50_prunednet", "--search-resume", f"dir/{name}", *extra,
                   cwd=workdir)
     assert cfg["suffix"] == suffix
+
+
+def test_a_resolved_config_is_read_only_and_its_checks_cannot_write_it():
+    import meta_trainer_exp
+    from app.config import parse_args
+
+    cfg = parse_args(meta_trainer_exp.get_args_parser(), ["--arch", "resnet50_pruningnet", "--lr", "0.3"])
+    with pytest.raises(AttributeError, match="read-only: 'lr'"):
+        cfg.lr = 0.1
+    assert cfg.replace(lr=0.1).lr == 0.1 and cfg.lr == 0.3  # a new config; this one unchanged
+    with pytest.raises(AttributeError, match="no such config values: lrr"):
+        cfg.replace(lrr=0.1)
+
+    def writes(args):
+        args.suffix = "_set_by_a_check"
+
+    for validate, derive in ((writes, None), (None, writes)):
+        with pytest.raises(AttributeError, match="read-only: 'suffix'"):
+            parse_args(meta_trainer_exp.get_args_parser(), ["--arch", "resnet50_pruningnet"], validate, derive)
+
+
+def test_output_dir_holds_every_output_of_a_run_started_elsewhere(work):
+    from helpers import TINY_TRAIN
+
+    before = set(work.rglob("*"))
+    r = invoke("meta_trainer_exp.py", *TINY_TRAIN, "--arch", "mobilenetv2_pruningnet", "--epochs", "1",
+               "--output-dir", "out/run", cwd=work)
+    assert r.returncode == 0, r.stderr
+    new = {p.relative_to(work) for p in set(work.rglob("*")) - before if p.is_file()}
+    assert new and all(p.parts[:2] == ("out", "run") for p in new), sorted(map(str, new))
+    subdirs = {p.parts[2] for p in new}
+    assert subdirs == {"checkpoints", "logs"}, subdirs
+    assert (work / "out/run/checkpoints/meta_prune/imagenet_mobilenetv2_pruningnet_checkpoint.pth.tar").is_file()
