@@ -11,8 +11,8 @@ without bf16 tensor cores); ``--channels-last``; ``--deterministic`` (two runs, 
 BN recalibration without host syncs; a search with a latency table measured on this GPU;
 retraining its best candidate with ``--inherit``; with two GPUs torchrun over NCCL with
 ``--sync-bn``; torchrun with more processes than GPUs (a one-line refusal). Measurements: the
-PruningNet's training images/s at 224 px, full width, ResNet50 and MobileNetV2, fp32 and bf16
-(with and without channels-last), with peak GPU memory and host syncs per step
+PruningNet's training images/s at 224 px, full width, ResNet50 and MobileNetV2, fp32 and bf16 (fp16
+without bf16 tensor cores), each with and without channels-last, with peak GPU memory and host syncs per step
 (``torch.cuda.set_sync_debug_mode``); candidates/min of search scoring (224 px, BN recalibration
 on 20 batches of 100, top-1 on 5,000 images decoded once), with host syncs per candidate. Crop-aware
 PruningNet training is checked against dense SGD in lockstep, and measured beside the dense path.
@@ -343,7 +343,8 @@ def measurements(device: torch.device, bf16: bool, quick: bool) -> list[Row]:
     size, batch, steps = (64, 8, 2) if quick else (224, 64, 8)
     jobs = []
     for arch in list_families():
-        for amp, cl in [(None, False)] + ([("bf16", False), ("bf16", True)] if bf16 else [("fp16", False)]):
+        low = "bf16" if bf16 else "fp16"
+        for amp, cl in [(None, False), (None, True), (low, False), (low, True)]:
             jobs.append((f"PruningNet training, {arch}, {amp or 'fp32'}{', channels-last' if cl else ''}",
                          lambda arch=arch, amp=amp, cl=cl: training_row(arch, device, size, batch, steps, amp, cl)))
         jobs.append((f"PruningNet training, {arch}, fp32, --dense-generator-update",
