@@ -18,6 +18,12 @@ an earlier run's JSON instead of retraining them (retraining depends on the gene
 retraining recipe, not on the PruningNet), and its tau genes, so the variant's proxy is compared on the
 same genes against the same ground truth. ``--pruningnets DIR`` takes each seed's trained PruningNet
 from an earlier run folder (``DIR/seed{seed}``) instead of training it again.
+
+The PruningNet's training rule: ``--sandwich N`` and ``--distill`` (``meta_trainer_exp.py``'s flags).
+The evaluation: ``--retrain-epochs``; per budget the paired t-test and the exact Wilcoxon signed-rank
+p-value of searched − uniform over the seeds (both retrained with the same seed); and
+``--budget-tau-genes N``: Kendall's tau over N random genes within ``--within`` (default ±10%) of each
+budget's MACs, the genes the search chooses between, retrained with the first seed.
 """
 from __future__ import annotations
 
