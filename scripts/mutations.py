@@ -72,9 +72,11 @@ def tracked_copy(dst: Path) -> None:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("numbers", nargs="*", type=int, choices=range(len(MUTATIONS)), metavar="N",
+    p.add_argument("numbers", nargs="*", type=int, metavar="N",
                    help=f"mutations to run, 0..{len(MUTATIONS) - 1} (default: all)")
-    chosen = set(p.parse_args(argv).numbers)
+    chosen = set(p.parse_args(argv).numbers)  # argparse's choices would refuse the empty default
+    if not chosen <= set(range(len(MUTATIONS))):
+        p.error(f"mutations are numbered 0..{len(MUTATIONS) - 1}, got {sorted(chosen)}")
     missed = 0
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch)
