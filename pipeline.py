@@ -119,14 +119,15 @@ class Pipeline:
     def search(self, budget_mmac: float) -> list:
         """Candidates (README form, best first) of a search under ``budget_mmac``."""
         r = self.r
-        bounds = ["--flops", str(budget_mmac), *(["--min-flops", f"{budget_mmac * r.min_fraction:.4g}"]
-                                                 if r.min_fraction else [])]
+        # the search names its files by the parsed bound written with :g; pass it spelled that way
+        min_flops = f"{float(f'{budget_mmac * r.min_fraction:.4g}'):g}" if r.min_fraction else ""
+        bounds = ["--flops", str(budget_mmac), *(["--min-flops", min_flops] if min_flops else [])]
         self._stage(f"search {budget_mmac}", "meta_search_exp.py", [
             "--arch", f"{self.arch}_pruningnet", "--resume", str(self.pruningnet), *self.data, *bounds,
             "--population", str(r.population), "--select-num", str(r.select), "--mutation-num", str(r.mutation),
             "--crossover-num", str(r.crossover), "--epochs", str(r.iterations), "--recal-batches",
             str(r.recal_batches)])
-        others = f"_minflops{budget_mmac * r.min_fraction:.4g}" if r.min_fraction else ""
+        others = f"_minflops{min_flops}" if min_flops else ""
         search = self.output(f"MetaPruneSearch_{self.arch}_pruningnet_flops{budget_mmac}{others}_checkpoint.pth.tar")
         return checkpoint.load(search, checkpoint.SEARCH)["candidates"]
 

@@ -82,10 +82,9 @@ class ReusingPipeline(Pipeline):
         r, config = self.r, state["config"]
         want = {"arch": f"{self.arch}_pruningnet", "epochs": r.pruning_epochs, "lr": r.pruning_lr,
                 "width_mult": r.width, "batch_size": r.batch, "seed": self.seed, "val_per_class": r.val_per_class,
-                "steps_per_epoch": r.steps_per_epoch}
+                "steps_per_epoch": r.steps_per_epoch, "sandwich": r.sandwich, "distill": r.distill}
+        config = {"sandwich": None, "distill": False, **config}  # PruningNets trained before those flags
         differ = [k for k, v in want.items() if config.get(k) != v]
-        if (config.get("sandwich"), bool(config.get("distill"))) != (r.sandwich, r.distill):
-            differ.append("sandwich/distill")
         if differ:
             raise ValueError(f"--pruningnets {src}: trained with another recipe ({', '.join(differ)})")
         if finished["epoch"] != r.pruning_epochs:  # _best may come from an earlier epoch: the last one tells
@@ -126,6 +125,12 @@ def earlier_results(path: Path, recipe: Recipe) -> tuple[dict[tuple, dict], int,
     return done, tau_seed, tau_genes
 
 
+def pool_gene(p: Pipeline, rng: random.Random) -> Gene:
+    """A random gene whose free ids lie in a random id range: uniform genes reach neither end of the
+    MACs range, genes of a random range reach both."""
+    return p.layout.sample(rng, *sorted((rng.randrange(NUM_SCALES), rng.randrange(NUM_SCALES))))
+
+
 def spread_genes(p: Pipeline, n: int, low: float, high: float, seed: int) -> list:
     """``n`` distinct random genes whose MACs spread evenly over [low, high] of the full network's.
 
@@ -135,7 +140,7 @@ def spread_genes(p: Pipeline, n: int, low: float, high: float, seed: int) -> lis
     rng, full = random.Random(seed), p.costs(p.layout.full()).macs
     macs = {}
     for _ in range(20000):
-        g = p.layout.sample(rng, *sorted((rng.randrange(NUM_SCALES), rng.randrange(NUM_SCALES))))
+        g = pool_gene(p, rng)
         macs[g] = p.costs(g).macs
     picked = []
     for k in range(n):
@@ -159,7 +164,7 @@ def budget_genes(p: Pipeline, fraction: float, n: int, within: float, seed: int)
     rng, budget = random.Random(seed), fraction * p.costs(p.layout.full()).macs
     picked: list = []
     for _ in range(200000):
-        g = p.layout.sample(rng, *sorted((rng.randrange(NUM_SCALES), rng.randrange(NUM_SCALES))))
+        g = pool_gene(p, rng)
         if g not in picked and abs(p.costs(g).macs / budget - 1) <= within:
             picked.append(g)
             if len(picked) == n:

@@ -144,7 +144,6 @@ class _PrunedBlock(nn.Module):
         super().__init__()
         self.body = nn.Sequential(*[ConvBN(c, ch) for c in block.convs])
         self.shortcut = ConvBN(block.shortcut, ch) if block.shortcut else None
-        self.names = [c.name for c in block_convs(block)]  # of the modules of ``convs()``
         self.identity = block.identity
         self.act = ACTIVATIONS[block.act](inplace=True) if block.act else nn.Identity()
         self.pool = nn.MaxPool2d(3, 2, 1) if block.maxpool else nn.Identity()
@@ -177,7 +176,8 @@ class PrunedNet(nn.Module):
 
     def conv_bns(self) -> dict[str, ConvBN]:
         """Every conv+BN by its spec name, in spec order (``ArchSpec.convs``)."""
-        return {name: m for blk in self.blocks for name, m in zip(blk.names, blk.convs(), strict=True)}
+        modules = (m for blk in self.blocks for m in blk.convs())  # spec order, as ``block_convs`` walks a block
+        return dict(zip((c.name for c in self.spec.convs()), modules, strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(x)
