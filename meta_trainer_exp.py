@@ -42,6 +42,9 @@ def get_args_parser() -> Parser:
     p.flag("--inherit", nargs="?", const="auto", default=None,
            help="start from inherited weights (fine-tuning): a PruningNet checkpoint's generated weights for the "
                 "gene, or a PrunedNet checkpoint of the same gene; without a path, the PruningNet the search used")
+    p.flag("--zero-init-residual", action="store_true",
+           help="PrunedNet from scratch: every residual block starts as its shortcut (the last BN of its body "
+                "scaled by 0)")
     add_recalibration_args(p, 20, "--valuate's probes")
     p.flag("--sandwich", type=int, default=None, metavar="N",
            help="PruningNet: every step adds up the gradients of the widest gene, the narrowest and N random genes "
@@ -57,6 +60,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--inherit is for *_prunednet archs, not {args.arch}")
     if not is_pruningnet(args.arch) and (args.sandwich is not None or args.distill):
         raise UserError(f"--sandwich and --distill train a PruningNet (*_pruningnet archs), not {args.arch}")
+    if args.zero_init_residual and (is_pruningnet(args.arch) or args.inherit):
+        raise UserError("--zero-init-residual initialises a PrunedNet trained from scratch: drop it with --inherit "
+                        "and with *_pruningnet archs")
     if args.sandwich is not None and not 0 <= args.sandwich <= 64:
         raise UserError(f"--sandwich N takes 0 to 64 random genes beside the widest and the narrowest, got "
                         f"{args.sandwich}")
@@ -90,6 +96,8 @@ def build_prunednet(args: argparse.Namespace, data, device: torch.device, dist_i
     """The PrunedNet of the resolved gene (optionally with inherited weights) and its validation."""
     gene, searched_with = resolve_gene(args)
     model = create_model(args.arch, gene=gene, **model_args)
+    if args.zero_init_residual:
+        model.zero_init_residual()
     if args.inherit == "auto":
         if searched_with is None:
             raise UserError("--inherit without a path needs --search-resume (whose search names its PruningNet)")

@@ -52,6 +52,7 @@ class Recipe:
     min_fraction: float = 0.0      # searched genes cost at least this fraction of the budget (0: no lower bound)
     sandwich: int | None = None    # PruningNet: --sandwich N (None: one random gene per step, the paper's)
     distill: bool = False          # PruningNet: --distill
+    zero_init_residual: bool = False  # retraining: --zero-init-residual
 
 
 FULL = Recipe()
@@ -118,24 +119,32 @@ class Pipeline:
 
     def search(self, budget_mmac: float) -> list:
         """Candidates (README form, best first) of a search under ``budget_mmac``."""
-        r = self.r
-        # the search names its files by the parsed bound written with :g; pass it spelled that way
-        min_flops = f"{float(f'{budget_mmac * r.min_fraction:.4g}'):g}" if r.min_fraction else ""
+        r, min_flops = self.r, self._min_flops(budget_mmac)
         bounds = ["--flops", str(budget_mmac), *(["--min-flops", min_flops] if min_flops else [])]
         self._stage(f"search {budget_mmac}", "meta_search_exp.py", [
             "--arch", f"{self.arch}_pruningnet", "--resume", str(self.pruningnet), *self.data, *bounds,
             "--population", str(r.population), "--select-num", str(r.select), "--mutation-num", str(r.mutation),
             "--crossover-num", str(r.crossover), "--epochs", str(r.iterations), "--recal-batches",
             str(r.recal_batches)])
+        return checkpoint.load(self.search_output(budget_mmac), checkpoint.SEARCH)["candidates"]
+
+    def _min_flops(self, budget_mmac: float) -> str:
+        """``--min-flops`` of a search under ``budget_mmac`` ("": none), spelled as the search names its
+        files: the parsed bound written with :g."""
+        return f"{float(f'{budget_mmac * self.r.min_fraction:.4g}'):g}" if self.r.min_fraction else ""
+
+    def search_output(self, budget_mmac: float) -> Path:
+        """The checkpoint a search under ``budget_mmac`` writes."""
+        min_flops = self._min_flops(budget_mmac)
         others = f"_minflops{min_flops}" if min_flops else ""
-        search = self.output(f"MetaPruneSearch_{self.arch}_pruningnet_flops{budget_mmac}{others}_checkpoint.pth.tar")
-        return checkpoint.load(search, checkpoint.SEARCH)["candidates"]
+        return self.output(f"MetaPruneSearch_{self.arch}_pruningnet_flops{budget_mmac}{others}_checkpoint.pth.tar")
 
     def retrain(self, gene: Gene, suffix: str) -> dict[str, float]:
         """Train the PrunedNet of ``gene`` from scratch; its final validation metrics."""
         self._stage(f"retrain{suffix}", "meta_trainer_exp.py", [
             "--arch", f"{self.arch}_prunednet", *self.data, *self.train, "--lr", str(self.r.lr),
-            "--epochs", str(self.r.retrain_epochs), "--gene", str(self.layout.format(gene)), "--suffix", suffix])
+            "--epochs", str(self.r.retrain_epochs), "--gene", str(self.layout.format(gene)), "--suffix", suffix,
+            *(["--zero-init-residual"] if self.r.zero_init_residual else [])])
         return checkpoint.load(self.output(f"fashionmnist_{self.arch}_prunednet{suffix}_checkpoint.pth.tar"))["metrics"]
 
     def row(self, name: str, gene: Gene, metrics: dict[str, float], stage: str) -> dict:

@@ -59,7 +59,7 @@ REPRO = replace(FULL, pruning_epochs=5, retrain_epochs=4, val_per_class=500, rec
 
 
 # What a from-scratch result depends on besides the gene and the seed.
-RETRAIN_FIELDS = ("width", "batch", "lr", "retrain_epochs", "steps_per_epoch", "val_per_class")
+RETRAIN_FIELDS = ("width", "batch", "lr", "retrain_epochs", "steps_per_epoch", "val_per_class", "zero_init_residual")
 
 
 class ReusingPipeline(Pipeline):
@@ -106,7 +106,8 @@ def earlier_results(path: Path, recipe: Recipe) -> tuple[dict[tuple, dict], int,
     (distinct, extra genes added to its JSON included). ValueError when it cannot be reused."""
     try:
         old = json.loads(path.read_text())
-        differ = [f for f in RETRAIN_FIELDS if old["recipe"][f] != getattr(recipe, f)]
+        was = {**asdict(Recipe()), **old["recipe"]}  # fields added since take their defaults
+        differ = [f for f in RETRAIN_FIELDS if was[f] != getattr(recipe, f)]
         done = {(c["seed"], tuple(r["gene"])): r for c in old["comparisons"] for r in c["results"]}
         tau_seed, rows = old["comparisons"][0]["seed"], old["tau_genes"] + old.get("tau_extra_genes", [])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
@@ -247,6 +248,7 @@ def main() -> None:
     ap.add_argument("--sandwich", type=int, help="PruningNet: --sandwich N (the widest, the narrowest, N random genes)")
     ap.add_argument("--distill", action="store_true", help="PruningNet: in-place distillation (needs --sandwich)")
     ap.add_argument("--retrain-epochs", type=int, help=f"retraining epochs (recipe: {REPRO.retrain_epochs})")
+    ap.add_argument("--zero-init-residual", action="store_true", help="retraining: meta_trainer_exp.py's flag")
     ap.add_argument("--budget-tau-genes", type=int, default=0,
                     help="per budget, genes within --within of its MACs whose PruningNet ranking is measured")
     ap.add_argument("--within", type=float, default=0.1, help="how near the budget those genes' MACs are")
@@ -257,7 +259,7 @@ def main() -> None:
                      recal_batches=args.recal_batches or recipe.recal_batches,
                      iterations=args.iterations or recipe.iterations, min_fraction=args.min_fraction or 0.0,
                      retrain_epochs=args.retrain_epochs or recipe.retrain_epochs, sandwich=args.sandwich,
-                     distill=args.distill)
+                     distill=args.distill, zero_init_residual=args.zero_init_residual)
     tag = args.tag + ("_quick" if args.quick else "")
     if recipe != REPRO and not tag:
         ap.error("a changed recipe needs --tag (the reproduction's own results are not to be overwritten)")

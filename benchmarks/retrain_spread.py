@@ -1,26 +1,66 @@
-"""How much one gene's retrained top-1 moves with the seed: the noise floor of every searched-vs-uniform
-comparison in ``benchmarks/reproduce.py``.
+"""How much one gene's retrained top-1 moves with the seed (the noise floor of every searched-vs-uniform
+comparison), and searched against uniform over paired seeds.
 
-The uniform gene of each budget (the widest uniform network within it, as the comparison uses) is
-trained from scratch with the reproduction's retraining recipe, once per seed; no PruningNet is
-involved. Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0 1 2 3 4]
-[--retrain-epochs 12]``; runs go to ``runs/retrain_spread/``, the result to
-``benchmarks/results/retrain_spread_{arch}_e{epochs}.json``.
+Per budget, the uniform gene (the widest uniform network within it, as the comparison uses) is trained
+from scratch with the reproduction's retraining recipe once per seed. ``--pruningnets DIR [DIR ...]``
+adds, per folder (a run folder in which ``benchmarks/reproduce.py`` or ``pipeline.py`` trained a
+PruningNet with seed ``--pruningnet-seed``, e.g. ``runs/reproduce/resnet50_pn15/seed0``): the search
+under each budget, run there once, and its best gene retrained with the same seeds as the uniform one;
+per budget and folder, searched − uniform over the seeds with the paired t-test and the exact Wilcoxon
+signed-rank p-value. This holds one PruningNet and one search fixed and varies the retraining: it tells
+whether that searched gene beats the uniform one, not how much the search varies between PruningNets.
+
+Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0 1 2 3 4]
+[--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--jobs 2]``. Runs go to
+``runs/retrain_spread/``; a retraining finished there earlier is read back, not run again. The result:
+``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi].json``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from app import checkpoint
 from benchmarks.reproduce import REPRO
+from benchmarks.stats import paired_t_p, wilcoxon_p
 from benchmarks.throughput import save_result
-from models import list_families
-from pipeline import Pipeline, uniform_gene
+from models import Gene, list_families
+from pipeline import Pipeline, Recipe, uniform_gene
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def retrained(p: Pipeline, gene: Gene, suffix: str) -> dict:
+    """``gene`` trained from scratch in ``p``'s run folder, or read back when a finished run of it is there."""
+    path = p.output(f"fashionmnist_{p.arch}_prunednet{suffix}_checkpoint.pth.tar")
+    start = time.perf_counter()
+    state = checkpoint.load(path) if path.is_file() else None
+    if not (state and state["epoch"] == p.r.retrain_epochs and tuple(state["gene"]) == tuple(gene)):
+        state = {"metrics": p.retrain(gene, suffix)}
+    return {"seed": p.seed, "top1": round(state["metrics"]["top1"], 2),
+            "retrain_s": round(time.perf_counter() - start, 1)}
+
+
+def searched_gene(arch: str, pruningnet_dir: Path, recipe: Recipe, seed: int, fraction: float) -> Gene:
+    """The best gene of the search under ``fraction`` of the full MACs with the PruningNet of ``pruningnet_dir``
+    (searched there unless a finished search is there already)."""
+    p = Pipeline(arch, seed, recipe, pruningnet_dir, cpu=True)
+    budget = p.budget_mmac(fraction)
+    found = p.search_output(budget)
+    candidates = checkpoint.load(found, checkpoint.SEARCH)["candidates"] if found.is_file() else p.search(budget)
+    return p.layout.parse(candidates[0])
+
+
+def summarize(gene: list[int], mmac: float, runs: list[dict]) -> dict:
+    top1s = [r["top1"] for r in runs]
+    return {"gene": gene, "mmac": mmac, "runs": runs, "mean": round(statistics.mean(top1s), 2),
+            "std": round(statistics.stdev(top1s), 2) if len(top1s) > 1 else 0.0,
+            "spread": round(max(top1s) - min(top1s), 2)}
 
 
 def main() -> None:
@@ -29,28 +69,48 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--retrain-epochs", type=int, default=REPRO.retrain_epochs)
+    ap.add_argument("--zero-init-residual", action="store_true", help="retraining: meta_trainer_exp.py's flag")
+    ap.add_argument("--pruningnets", type=Path, nargs="*", default=[],
+                    help="run folders holding a trained PruningNet: their searched genes against the uniform one")
+    ap.add_argument("--pruningnet-seed", type=int, default=0, help="the seed those PruningNets were trained with")
+    ap.add_argument("--jobs", type=int, default=1, help="retrainings at a time, each on cores/jobs threads")
     args = ap.parse_args()
-    recipe = replace(REPRO, retrain_epochs=args.retrain_epochs)
-    base = ROOT / "runs" / "retrain_spread" / f"{args.arch}_e{recipe.retrain_epochs}"
+    for d in args.pruningnets:
+        if not (d / "checkpoints").is_dir():
+            ap.error(f"--pruningnets {d}: not a run folder (no checkpoints/ in it)")
+    if args.jobs > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    recipe = replace(REPRO, retrain_epochs=args.retrain_epochs, zero_init_residual=args.zero_init_residual)
+    name = f"{args.arch}_e{recipe.retrain_epochs}{'_zi' if recipe.zero_init_residual else ''}"
+    base = ROOT / "runs" / "retrain_spread" / name
+    pipes = {seed: Pipeline(args.arch, seed, recipe, base / f"seed{seed}", cpu=True) for seed in args.seeds}
+    p0 = pipes[args.seeds[0]]
     budgets = []
     for fraction in args.budgets:
-        rows = []
-        for seed in args.seeds:
-            p = Pipeline(args.arch, seed, recipe, base / f"seed{seed}", cpu=True)
-            gene = uniform_gene(p.layout, p.costs, int(p.budget_mmac(fraction) * 1e6))
-            start = time.perf_counter()
-            top1 = p.retrain(gene, f"_uniform{round(fraction * 100)}")["top1"]
-            rows.append({"seed": seed, "top1": round(top1, 2), "retrain_s": round(time.perf_counter() - start, 1)})
-            print(f"budget {fraction:.0%} seed {seed}: {top1:.2f}", flush=True)
-        top1s = [r["top1"] for r in rows]
-        budgets.append({"budget": fraction, "gene": p.layout.format(gene), "mmac": round(p.costs(gene).macs / 1e6, 3),
-                        "runs": rows, "mean": round(statistics.mean(top1s), 2),
-                        "std": round(statistics.stdev(top1s), 2) if len(top1s) > 1 else 0.0,
-                        "spread": round(max(top1s) - min(top1s), 2)})
-        print(f"budget {fraction:.0%}: mean {budgets[-1]['mean']}, std {budgets[-1]['std']}, "
-              f"max - min {budgets[-1]['spread']}")
-    save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{args.arch}_e{recipe.retrain_epochs}.json",
-                {"arch": args.arch, "recipe": asdict(recipe), "budgets": budgets})
+        pct = round(fraction * 100)
+        genes = {"uniform": uniform_gene(p0.layout, p0.costs, int(p0.budget_mmac(fraction) * 1e6))}
+        for d in args.pruningnets:
+            genes[d.parent.name] = searched_gene(args.arch, d, recipe, args.pruningnet_seed, fraction)
+        jobs = [(label, seed) for label in genes for seed in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(retrained, [pipes[s] for _, s in jobs], [genes[lb] for lb, _ in jobs],
+                                 [f"_{lb}{pct}" for lb, _ in jobs]))
+        by_label = {label: [r for (lb, _), r in zip(jobs, runs) if lb == label] for label in genes}
+        rows = {label: summarize(p0.layout.format(g), round(p0.costs(g).macs / 1e6, 3), by_label[label])
+                for label, g in genes.items()}
+        uniform = rows.pop("uniform")
+        for label, row in rows.items():
+            d = [round(s["top1"] - u["top1"], 2) for s, u in zip(row["runs"], uniform["runs"])]
+            row.update(difference=d, mean_difference=round(statistics.mean(d), 2),
+                       paired_t_p=paired_t_p(d) if len(d) > 1 else None, wilcoxon_p=wilcoxon_p(d) if len(d) > 1 else None)
+            print(f"budget {fraction:.0%} {label}: searched {row['mean']} ± {row['std']}, searched - uniform "
+                  f"{row['mean_difference']} (paired t p {row['paired_t_p']}, Wilcoxon p {row['wilcoxon_p']})")
+        budgets.append({"budget": fraction, **uniform, "searched": rows})
+        print(f"budget {fraction:.0%} uniform: mean {uniform['mean']}, std {uniform['std']}, "
+              f"max - min {uniform['spread']}")
+    save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{name}.json",
+                {"arch": args.arch, "recipe": asdict(recipe), "seeds": args.seeds,
+                 "pruningnets": [str(d) for d in args.pruningnets], "budgets": budgets})
 
 
 if __name__ == "__main__":

@@ -174,6 +174,13 @@ class PrunedNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def zero_init_residual(self) -> None:
+        """Zero the scale of the last BN of every residual block's body, so that each block starts as its
+        shortcut (Goyal et al., 2017): a deep narrow net then trains alike from any initialisation."""
+        for blk in self.blocks:
+            if blk.shortcut is not None or blk.identity:
+                nn.init.zeros_(blk.body[-1].bn.weight)
+
     def conv_bns(self) -> dict[str, ConvBN]:
         """Every conv+BN by its spec name, in spec order (``ArchSpec.convs``)."""
         modules = (m for blk in self.blocks for m in blk.convs())  # spec order, as ``block_convs`` walks a block

@@ -72,6 +72,24 @@ def test_prunednet_conv_shapes_follow_gene(family, rng):
     assert net.classifier.in_features == {"resnet50": 2048, "mobilenetv2": 1280}[family]
 
 
+@pytest.mark.parametrize("family", list_families())
+def test_zero_init_residual_starts_every_residual_block_as_its_shortcut(family, rng):
+    net = create_model(f"{family}_prunednet", gene=random_gene(get_family(family).layout, rng)).eval()
+    net.zero_init_residual()
+    x = torch.randn(2, 3, 32, 32)
+    residual = 0
+    for blk in net.blocks:
+        y = blk(x)
+        if blk.shortcut is not None or blk.identity:
+            residual += 1
+            skip = blk.shortcut(x) if blk.shortcut is not None else x
+            assert torch.equal(y, blk.pool(blk.act(skip)))
+        else:
+            assert torch.all(blk.body[-1].bn.weight == 1)  # a block without a shortcut keeps its init
+        x = y
+    assert residual == {"resnet50": 16, "mobilenetv2": 10}[family]
+
+
 def test_mobilenetv2_expand_width_uses_input_channels():
     net = create_model("mobilenetv2_prunednet")
     stage2_first = net.blocks[2].body  # [6, 33, 2, 2]: input 22 channels → expand 22 * 6

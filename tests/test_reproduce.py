@@ -7,9 +7,10 @@ from dataclasses import asdict, replace
 import pytest
 
 from benchmarks.reproduce import ReusingPipeline, budget_genes, earlier_results, spread_genes
+from benchmarks.retrain_spread import retrained
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from data.synthetic import make_fashion_mnist
-from pipeline import QUICK, Pipeline
+from pipeline import QUICK, Pipeline, StageFailed
 
 
 def test_tau_genes_are_distinct_and_cover_the_range(tmp_path):
@@ -82,6 +83,12 @@ def test_earlier_results_of_another_retraining_recipe_are_refused(tmp_path):
     earlier_results(tmp_path / "old.json", replace(QUICK, pruning_epochs=9, recal_batches=7))
     with pytest.raises(ValueError, match="differs in retrain_epochs"):
         earlier_results(tmp_path / "old.json", replace(QUICK, retrain_epochs=9))
+    with pytest.raises(ValueError, match="differs in zero_init_residual"):
+        earlier_results(tmp_path / "old.json", replace(QUICK, zero_init_residual=True))
+    old = json.loads((tmp_path / "old.json").read_text())
+    del old["recipe"]["zero_init_residual"]  # a JSON written before the field: retrained without it
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    earlier_results(tmp_path / "old.json", QUICK)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a readable reproduce JSON"):
         earlier_results(tmp_path / "bad.json", QUICK)
@@ -114,3 +121,15 @@ def test_a_variant_reuses_trained_pruningnets_and_searches_near_the_budget(tmp_p
                              done={}, pruningnets=tmp_path / "earlier")
     with pytest.raises(ValueError, match=r"another recipe \(epochs\)"):
         longer.train_pruningnet()
+
+
+def test_a_finished_retraining_is_read_back_and_another_gene_is_trained(tmp_path):
+    root = str(make_fashion_mnist(tmp_path / "fm", train_per_class=40, test_per_class=5))
+    p = Pipeline("resnet50", 3, QUICK, tmp_path / "run", root, cpu=True)
+    first = retrained(p, p.layout.full(), "_uniform25")
+    assert "retrain_uniform25" in p.times and first["seed"] == 3
+    p.times.clear()
+    assert retrained(p, p.layout.full(), "_uniform25")["top1"] == first["top1"]
+    assert not p.times  # read back: no stage ran
+    with pytest.raises(StageFailed):  # another gene under that name is trained, and refuses to replace the run
+        retrained(p, p.layout.narrowest(), "_uniform25")

@@ -150,6 +150,9 @@ def test_a_sandwich_run_resumes_exactly_and_its_pruningnet_searches_and_retrains
     (["--arch", "mobilenetv2_prunednet", "--sandwich", "1"], "--sandwich and --distill train a PruningNet"),
     (["--arch", "mobilenetv2_pruningnet", "--distill"], "--distill needs --sandwich N"),
     (["--arch", "mobilenetv2_pruningnet", "--sandwich", "-1"], "--sandwich N takes 0 to 64 random genes"),
+    (["--arch", "mobilenetv2_pruningnet", "--zero-init-residual"], "--zero-init-residual initialises a PrunedNet"),
+    (["--arch", "mobilenetv2_prunednet", "--zero-init-residual", "--inherit", "x.pth.tar"],
+     "--zero-init-residual initialises a PrunedNet"),
 ])
 def test_bad_sandwich_flags_are_one_line(work, argv, words):
     r = invoke("meta_trainer_exp.py", *TINY_TRAIN, *argv, "--dry-run", cwd=work)

@@ -233,3 +233,14 @@ def test_data_loader_workers_give_the_batches_of_the_main_process(work):
     one, two = (checkpoint.load(work / CKPT / f"imagenet_mobilenetv2_prunednet_w{w}_checkpoint.pth.tar")["model"]
                 for w in "02")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_zero_init_residual_reaches_the_prunednet_trained_from_scratch(work):
+    """One step at a vanishing lr: the last BN of each residual body keeps the scale it started with."""
+    for flag, suffix in (["--zero-init-residual"], "_zero"), ([], "_plain"):
+        train(work, "--arch", "mobilenetv2_prunednet", "--epochs", "1", "--steps-per-epoch", "1", "--lr", "1e-12",
+              "--suffix", suffix, *flag)
+    for suffix, scale in (("_zero", 0.0), ("_plain", 1.0)):
+        net = checkpoint.build_model(checkpoint.load(work / CKPT / f"imagenet_mobilenetv2_prunednet{suffix}_checkpoint.pth.tar"))
+        scales = [blk.body[-1].bn.weight for blk in net.blocks if blk.identity]
+        assert scales and all(torch.allclose(w, torch.full_like(w, scale), atol=1e-6) for w in scales)
