@@ -9,15 +9,20 @@ under each budget, run there once, and its best gene retrained with the same see
 per budget and folder, searched − uniform over the seeds with the paired t-test and the exact Wilcoxon
 signed-rank p-value. This holds one PruningNet and one search fixed and varies the retraining: it tells
 whether that searched gene beats the uniform one, not how much the search varies between PruningNets.
+``--budget-tau-genes N``: per budget, N random genes within ``--within`` (default ±10%) of its MACs, the
+genes the search chooses between, retrained with the first seed; per folder, Kendall's tau between its
+PruningNet's score of them (as the search scores) and their top-1; ``--budget-tau-from JSON`` takes those
+genes and their top-1 from a ``benchmarks/reproduce.py`` run instead (retrained with its recipe).
 
 Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0 1 2 3 4]
-[--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--jobs 2]``. Runs go to
+[--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--budget-tau-genes 8] [--jobs 2]``. Runs go to
 ``runs/retrain_spread/``; a retraining finished there earlier is read back, not run again. The result:
 ``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi].json``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -26,8 +31,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from app import checkpoint
-from benchmarks.reproduce import REPRO
-from benchmarks.stats import paired_t_p, wilcoxon_p
+from benchmarks.reproduce import REPRO, budget_genes, proxy_scores
+from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from benchmarks.throughput import save_result
 from models import Gene, list_families
 from pipeline import Pipeline, Recipe, uniform_gene
@@ -56,6 +61,21 @@ def searched_gene(arch: str, pruningnet_dir: Path, recipe: Recipe, seed: int, fr
     return p.layout.parse(candidates[0])
 
 
+def earlier_band(path: Path, fraction: float, p: Pipeline) -> tuple[list[Gene], list[float]]:
+    """The within-budget genes of ``fraction`` in a reproduce JSON and their from-scratch top-1."""
+    try:
+        rows = json.loads(path.read_text())["within_budget_tau"][f"{fraction:g}"]["genes"]
+        return [p.layout.parse(r["gene"]) for r in rows], [r["scratch_top1"] for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--budget-tau-from {path}: no within-budget genes of the {fraction:g} budget "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def run_suffix(label: str, pct: int) -> str:
+    """The retraining's --suffix: ``_uniform25``, or ``_{PruningNet folder}_25`` for a searched gene."""
+    return f"_{label}{pct}" if label == "uniform" else f"_{label}_{pct}"
+
+
 def summarize(gene: list[int], mmac: float, runs: list[dict]) -> dict:
     top1s = [r["top1"] for r in runs]
     return {"gene": gene, "mmac": mmac, "runs": runs, "mean": round(statistics.mean(top1s), 2),
@@ -73,6 +93,13 @@ def main() -> None:
     ap.add_argument("--pruningnets", type=Path, nargs="*", default=[],
                     help="run folders holding a trained PruningNet: their searched genes against the uniform one")
     ap.add_argument("--pruningnet-seed", type=int, default=0, help="the seed those PruningNets were trained with")
+    ap.add_argument("--budget-tau-genes", type=int, default=0,
+                    help="per budget, genes within --within of its MACs retrained with the first seed: Kendall's tau "
+                         "between each PruningNet's score of them and their top-1")
+    ap.add_argument("--within", type=float, default=0.1, help="how near the budget those genes' MACs are")
+    ap.add_argument("--budget-tau-from", type=Path,
+                    help="a benchmarks/reproduce.py JSON: its within-budget genes and their from-scratch top-1 (with "
+                         "its retraining recipe) instead of retraining --budget-tau-genes")
     ap.add_argument("--jobs", type=int, default=1, help="retrainings at a time, each on cores/jobs threads")
     args = ap.parse_args()
     for d in args.pruningnets:
@@ -85,26 +112,42 @@ def main() -> None:
     base = ROOT / "runs" / "retrain_spread" / name
     pipes = {seed: Pipeline(args.arch, seed, recipe, base / f"seed{seed}", cpu=True) for seed in args.seeds}
     p0 = pipes[args.seeds[0]]
+    row_dirs = {d.parent.name: d for d in args.pruningnets}
     budgets = []
     for fraction in args.budgets:
         pct = round(fraction * 100)
         genes = {"uniform": uniform_gene(p0.layout, p0.costs, int(p0.budget_mmac(fraction) * 1e6))}
         for d in args.pruningnets:
             genes[d.parent.name] = searched_gene(args.arch, d, recipe, args.pruningnet_seed, fraction)
-        jobs = [(label, seed) for label in genes for seed in args.seeds]
+        near, scratch = [], []
+        if args.budget_tau_from:
+            near, scratch = earlier_band(args.budget_tau_from, fraction, p0)
+        elif args.budget_tau_genes:
+            near = budget_genes(p0, fraction, args.budget_tau_genes, args.within, round(fraction * 1000))
+        jobs = [(pipes[seed], g, run_suffix(label, pct)) for label, g in genes.items() for seed in args.seeds]
+        jobs += [(p0, g, f"_budget{pct}_{k:02d}") for k, g in enumerate(near) if not args.budget_tau_from]
         with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(retrained, [pipes[s] for _, s in jobs], [genes[lb] for lb, _ in jobs],
-                                 [f"_{lb}{pct}" for lb, _ in jobs]))
-        by_label = {label: [r for (lb, _), r in zip(jobs, runs) if lb == label] for label in genes}
-        rows = {label: summarize(p0.layout.format(g), round(p0.costs(g).macs / 1e6, 3), by_label[label])
-                for label, g in genes.items()}
+            runs = list(pool.map(retrained, *zip(*jobs)))
+        n = len(args.seeds)
+        rows = {label: summarize(p0.layout.format(g), round(p0.costs(g).macs / 1e6, 3), runs[i * n:(i + 1) * n])
+                for i, (label, g) in enumerate(genes.items())}
+        scratch = scratch or [r["top1"] for r in runs[len(genes) * n:]]
         uniform = rows.pop("uniform")
         for label, row in rows.items():
             d = [round(s["top1"] - u["top1"], 2) for s, u in zip(row["runs"], uniform["runs"])]
             row.update(difference=d, mean_difference=round(statistics.mean(d), 2),
                        paired_t_p=paired_t_p(d) if len(d) > 1 else None, wilcoxon_p=wilcoxon_p(d) if len(d) > 1 else None)
+            if near:
+                pn = Pipeline(args.arch, args.pruningnet_seed, recipe, row_dirs[label], cpu=True)
+                proxy = proxy_scores(pn, near, recipe.recal_batches)
+                row["within_budget_tau"] = {
+                    "within": args.within, "tau": kendall_tau(proxy, scratch),
+                    "scratch": str(args.budget_tau_from) if args.budget_tau_from else f"seed {args.seeds[0]}",
+                    "genes": [{"gene": p0.layout.format(g), "mmac": round(p0.costs(g).macs / 1e6, 3),
+                               "proxy_top1": round(a, 2), "scratch_top1": b} for g, a, b in zip(near, proxy, scratch)]}
             print(f"budget {fraction:.0%} {label}: searched {row['mean']} ± {row['std']}, searched - uniform "
-                  f"{row['mean_difference']} (paired t p {row['paired_t_p']}, Wilcoxon p {row['wilcoxon_p']})")
+                  f"{row['mean_difference']} (paired t p {row['paired_t_p']}, Wilcoxon p {row['wilcoxon_p']})"
+                  + (f", tau within ±{args.within:.0%}: {row['within_budget_tau']['tau']:.3f}" if near else ""))
         budgets.append({"budget": fraction, **uniform, "searched": rows})
         print(f"budget {fraction:.0%} uniform: mean {uniform['mean']}, std {uniform['std']}, "
               f"max - min {uniform['spread']}")

@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from benchmarks.reproduce import ReusingPipeline, budget_genes, earlier_results, spread_genes
-from benchmarks.retrain_spread import retrained
+from benchmarks.retrain_spread import earlier_band, retrained
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from data.synthetic import make_fashion_mnist
 from pipeline import QUICK, Pipeline, StageFailed
@@ -133,3 +133,13 @@ def test_a_finished_retraining_is_read_back_and_another_gene_is_trained(tmp_path
     assert not p.times  # read back: no stage ran
     with pytest.raises(StageFailed):  # another gene under that name is trained, and refuses to replace the run
         retrained(p, p.layout.narrowest(), "_uniform25")
+
+
+def test_the_within_budget_genes_of_an_earlier_run_come_back_with_their_top1(tmp_path):
+    genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28, 7)]
+    _earlier_run(tmp_path / "old.json", QUICK, genes)
+    p = Pipeline("resnet50", 0, QUICK, tmp_path / "run")
+    near, top1 = earlier_band(tmp_path / "old.json", 0.25, p)
+    assert [p.layout.format(g) for g in near] == [genes[4]] and top1 == [75.0]
+    with pytest.raises(SystemExit, match="no within-budget genes of the 0.5 budget"):
+        earlier_band(tmp_path / "old.json", 0.5, p)
