@@ -35,26 +35,26 @@ from benchmarks.reproduce import REPRO, budget_genes, proxy_scores
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from benchmarks.throughput import save_result
 from models import Gene, list_families
-from pipeline import Pipeline, Recipe, uniform_gene
+from pipeline import Pipeline, uniform_gene
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def retrained(p: Pipeline, gene: Gene, suffix: str) -> dict:
-    """``gene`` trained from scratch in ``p``'s run folder, or read back when a finished run of it is there."""
+    """``gene`` trained from scratch in ``p``'s run folder, or read back (``retrain_s`` None) when a finished
+    run of it is there."""
     path = p.output(f"fashionmnist_{p.arch}_prunednet{suffix}_checkpoint.pth.tar")
-    start = time.perf_counter()
     state = checkpoint.load(path) if path.is_file() else None
-    if not (state and state["epoch"] == p.r.retrain_epochs and tuple(state["gene"]) == tuple(gene)):
-        state = {"metrics": p.retrain(gene, suffix)}
-    return {"seed": p.seed, "top1": round(state["metrics"]["top1"], 2),
-            "retrain_s": round(time.perf_counter() - start, 1)}
+    if state and state["epoch"] == p.r.retrain_epochs and tuple(state["gene"]) == tuple(gene):
+        return {"seed": p.seed, "top1": round(state["metrics"]["top1"], 2), "retrain_s": None}  # read back
+    start = time.perf_counter()
+    top1 = p.retrain(gene, suffix)["top1"]
+    return {"seed": p.seed, "top1": round(top1, 2), "retrain_s": round(time.perf_counter() - start, 1)}
 
 
-def searched_gene(arch: str, pruningnet_dir: Path, recipe: Recipe, seed: int, fraction: float) -> Gene:
-    """The best gene of the search under ``fraction`` of the full MACs with the PruningNet of ``pruningnet_dir``
+def searched_gene(p: Pipeline, fraction: float) -> Gene:
+    """The best gene of the search under ``fraction`` of the full MACs with the PruningNet of ``p``'s run folder
     (searched there unless a finished search is there already)."""
-    p = Pipeline(arch, seed, recipe, pruningnet_dir, cpu=True)
     budget = p.budget_mmac(fraction)
     found = p.search_output(budget)
     candidates = checkpoint.load(found, checkpoint.SEARCH)["candidates"] if found.is_file() else p.search(budget)
@@ -67,7 +67,7 @@ def earlier_band(path: Path, fraction: float, p: Pipeline) -> tuple[list[Gene], 
         rows = json.loads(path.read_text())["within_budget_tau"][f"{fraction:g}"]["genes"]
         return [p.layout.parse(r["gene"]) for r in rows], [r["scratch_top1"] for r in rows]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--budget-tau-from {path}: no within-budget genes of the {fraction:g} budget "
+        raise ValueError(f"--budget-tau-from {path}: no within-budget genes of the {fraction:g} budget "
                          f"({type(e).__name__}: {e})") from None
 
 
@@ -105,6 +105,10 @@ def main() -> None:
     for d in args.pruningnets:
         if not (d / "checkpoints").is_dir():
             ap.error(f"--pruningnets {d}: not a run folder (no checkpoints/ in it)")
+    # a PruningNet is named by its variant's folder (runs/reproduce/{variant}/seed0), which names its retrainings
+    searchers = {d.parent.name: Pipeline(args.arch, args.pruningnet_seed, REPRO, d, cpu=True) for d in args.pruningnets}
+    if len(searchers) < len(args.pruningnets):
+        ap.error("--pruningnets: two folders of one variant name; give each variant its own folder")
     if args.jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     recipe = replace(REPRO, retrain_epochs=args.retrain_epochs, zero_init_residual=args.zero_init_residual)
@@ -112,16 +116,17 @@ def main() -> None:
     base = ROOT / "runs" / "retrain_spread" / name
     pipes = {seed: Pipeline(args.arch, seed, recipe, base / f"seed{seed}", cpu=True) for seed in args.seeds}
     p0 = pipes[args.seeds[0]]
-    row_dirs = {d.parent.name: d for d in args.pruningnets}
     budgets = []
     for fraction in args.budgets:
         pct = round(fraction * 100)
-        genes = {"uniform": uniform_gene(p0.layout, p0.costs, int(p0.budget_mmac(fraction) * 1e6))}
-        for d in args.pruningnets:
-            genes[d.parent.name] = searched_gene(args.arch, d, recipe, args.pruningnet_seed, fraction)
+        genes = {"uniform": uniform_gene(p0.layout, p0.costs, int(p0.budget_mmac(fraction) * 1e6)),
+                 **{label: searched_gene(p, fraction) for label, p in searchers.items()}}
         near, scratch = [], []
         if args.budget_tau_from:
-            near, scratch = earlier_band(args.budget_tau_from, fraction, p0)
+            try:
+                near, scratch = earlier_band(args.budget_tau_from, fraction, p0)
+            except ValueError as e:
+                ap.error(str(e))
         elif args.budget_tau_genes:
             near = budget_genes(p0, fraction, args.budget_tau_genes, args.within, round(fraction * 1000))
         jobs = [(pipes[seed], g, run_suffix(label, pct)) for label, g in genes.items() for seed in args.seeds]
@@ -131,15 +136,15 @@ def main() -> None:
         n = len(args.seeds)
         rows = {label: summarize(p0.layout.format(g), round(p0.costs(g).macs / 1e6, 3), runs[i * n:(i + 1) * n])
                 for i, (label, g) in enumerate(genes.items())}
-        scratch = scratch or [r["top1"] for r in runs[len(genes) * n:]]
+        if not args.budget_tau_from:
+            scratch = [r["top1"] for r in runs[len(genes) * n:]]
         uniform = rows.pop("uniform")
         for label, row in rows.items():
             d = [round(s["top1"] - u["top1"], 2) for s, u in zip(row["runs"], uniform["runs"])]
             row.update(difference=d, mean_difference=round(statistics.mean(d), 2),
                        paired_t_p=paired_t_p(d) if len(d) > 1 else None, wilcoxon_p=wilcoxon_p(d) if len(d) > 1 else None)
             if near:
-                pn = Pipeline(args.arch, args.pruningnet_seed, recipe, row_dirs[label], cpu=True)
-                proxy = proxy_scores(pn, near, recipe.recal_batches)
+                proxy = proxy_scores(searchers[label], near, recipe.recal_batches)
                 row["within_budget_tau"] = {
                     "within": args.within, "tau": kendall_tau(proxy, scratch),
                     "scratch": str(args.budget_tau_from) if args.budget_tau_from else f"seed {args.seeds[0]}",
