@@ -15,9 +15,10 @@ PruningNet's score of them (as the search scores) and their top-1; ``--budget-ta
 genes and their top-1 from a ``benchmarks/reproduce.py`` run instead (retrained with its recipe).
 
 Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0 1 2 3 4]
-[--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--budget-tau-genes 8] [--jobs 2]``. Runs go to
-``runs/retrain_spread/``; a retraining finished there earlier is read back, not run again. The result:
-``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi].json``.
+[--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--budget-tau-genes 8] [--jobs 2]
+[--reuse JSON]``. Runs go to ``runs/retrain_spread/``; a retraining finished there earlier is read back, not run
+again, and ``--reuse`` takes the (gene, seed) results of an earlier run's JSON, retrained with the same recipe
+(a run folder that is gone, or another machine's). The result: ``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi].json``.
 """
 from __future__ import annotations
 
@@ -31,18 +32,21 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from app import checkpoint
-from benchmarks.reproduce import REPRO, budget_genes, proxy_scores
+from benchmarks.reproduce import REPRO, RETRAIN_FIELDS, budget_genes, proxy_scores
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from benchmarks.throughput import save_result
 from models import Gene, list_families
-from pipeline import Pipeline, uniform_gene
+from pipeline import Pipeline, Recipe, uniform_gene
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def retrained(p: Pipeline, gene: Gene, suffix: str) -> dict:
+def retrained(p: Pipeline, gene: Gene, suffix: str, done: dict[tuple, dict] | None = None) -> dict:
     """``gene`` trained from scratch in ``p``'s run folder, or read back (``retrain_s`` None) when a finished
-    run of it is there."""
+    run of it is there or ``done`` holds its result by (seed, gene)."""
+    hit = (done or {}).get((p.seed, tuple(p.layout.format(gene))))
+    if hit is not None:
+        return {**hit, "retrain_s": None}
     path = p.output(f"fashionmnist_{p.arch}_prunednet{suffix}_checkpoint.pth.tar")
     state = checkpoint.load(path) if path.is_file() else None
     if state and state["epoch"] == p.r.retrain_epochs and tuple(state["gene"]) == tuple(gene):
@@ -59,6 +63,31 @@ def searched_gene(p: Pipeline, fraction: float) -> Gene:
     found = p.search_output(budget)
     candidates = checkpoint.load(found, checkpoint.SEARCH)["candidates"] if found.is_file() else p.search(budget)
     return p.layout.parse(candidates[0])
+
+
+def earlier_spread(path: Path, recipe: Recipe) -> dict[tuple, dict]:
+    """The from-scratch results of an earlier run's JSON by (seed, gene): its uniform and searched genes'
+    runs and the within-budget genes it retrained. ValueError when they were retrained with another recipe."""
+    try:
+        old = json.loads(path.read_text())
+        was = {**asdict(Recipe()), **old["recipe"]}  # fields added since take their defaults
+        done = {}
+        for b in old["budgets"]:
+            for row in [b, *b["searched"].values()]:
+                done.update({(r["seed"], tuple(row["gene"])): r for r in row["runs"]})
+            for row in b["searched"].values():
+                tau = row.get("within_budget_tau", {})
+                if tau.get("scratch", "").startswith("seed "):  # retrained here, not read from another JSON
+                    seed = int(tau["scratch"].split()[1])
+                    done.update({(seed, tuple(g["gene"])): {"seed": seed, "top1": g["scratch_top1"]}
+                                 for g in tau["genes"]})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--reuse {path}: not a readable retrain_spread JSON ({type(e).__name__}: {e})") from None
+    differ = [f for f in RETRAIN_FIELDS if was[f] != getattr(recipe, f)]
+    if differ:
+        raise ValueError(f"--reuse {path}: its retraining recipe differs in {', '.join(differ)}; reuse a run "
+                         "retrained with this recipe")
+    return done
 
 
 def earlier_band(path: Path, fraction: float, p: Pipeline) -> tuple[list[Gene], list[float]]:
@@ -101,6 +130,8 @@ def main() -> None:
                     help="a benchmarks/reproduce.py JSON: its within-budget genes and their from-scratch top-1 (with "
                          "its retraining recipe) instead of retraining --budget-tau-genes")
     ap.add_argument("--jobs", type=int, default=1, help="retrainings at a time, each on cores/jobs threads")
+    ap.add_argument("--reuse", type=Path, help="an earlier retrain_spread JSON of this retraining recipe: its "
+                                               "results by (seed, gene) instead of retraining them")
     args = ap.parse_args()
     for d in args.pruningnets:
         if not (d / "checkpoints").is_dir():
@@ -114,6 +145,10 @@ def main() -> None:
     recipe = replace(REPRO, retrain_epochs=args.retrain_epochs, zero_init_residual=args.zero_init_residual)
     name = f"{args.arch}_e{recipe.retrain_epochs}{'_zi' if recipe.zero_init_residual else ''}"
     base = ROOT / "runs" / "retrain_spread" / name
+    try:
+        done = earlier_spread(args.reuse, recipe) if args.reuse else {}
+    except ValueError as e:
+        ap.error(str(e))
     pipes = {seed: Pipeline(args.arch, seed, recipe, base / f"seed{seed}", cpu=True) for seed in args.seeds}
     p0 = pipes[args.seeds[0]]
     budgets = []
@@ -132,7 +167,7 @@ def main() -> None:
         jobs = [(pipes[seed], g, run_suffix(label, pct)) for label, g in genes.items() for seed in args.seeds]
         jobs += [(p0, g, f"_budget{pct}_{k:02d}") for k, g in enumerate(near) if not args.budget_tau_from]
         with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(retrained, *zip(*jobs)))
+            runs = list(pool.map(lambda job: retrained(*job, done), jobs))
         n = len(args.seeds)
         rows = {label: summarize(p0.layout.format(g), round(p0.costs(g).macs / 1e6, 3), runs[i * n:(i + 1) * n])
                 for i, (label, g) in enumerate(genes.items())}
@@ -158,7 +193,8 @@ def main() -> None:
               f"max - min {uniform['spread']}")
     save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{name}.json",
                 {"arch": args.arch, "recipe": asdict(recipe), "seeds": args.seeds,
-                 "pruningnets": [str(d) for d in args.pruningnets], "budgets": budgets})
+                 "pruningnets": [str(d) for d in args.pruningnets], "budgets": budgets,
+                 "reused_from": str(args.reuse) if args.reuse else None})
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 import json
 import math
 import statistics
+import subprocess
+import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 
 from benchmarks.reproduce import ReusingPipeline, budget_genes, earlier_results, spread_genes
-from benchmarks.retrain_spread import earlier_band, retrained
+from benchmarks.retrain_spread import earlier_band, earlier_spread, retrained
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from data.synthetic import make_fashion_mnist
 from pipeline import QUICK, Pipeline, StageFailed
@@ -144,3 +147,40 @@ def test_the_within_budget_genes_of_an_earlier_run_come_back_with_their_top1(tmp
     assert [p.layout.format(g) for g in near] == [genes[4]] and top1 == [75.0]
     with pytest.raises(ValueError, match="no within-budget genes of the 0.5 budget"):
         earlier_band(tmp_path / "old.json", 0.5, p)
+
+
+def _earlier_spread(path, recipe, genes):
+    runs = lambda top1: [{"seed": s, "top1": top1 + s, "retrain_s": 9.0} for s in (0, 1)]
+    tau = lambda scratch, gene: {"within": 0.1, "tau": 0.0, "scratch": scratch,
+                                 "genes": [{"gene": gene, "mmac": 1.0, "proxy_top1": 50.0, "scratch_top1": 75.0}]}
+    path.write_text(json.dumps({"recipe": asdict(recipe), "budgets": [{
+        "budget": 0.25, "gene": genes[0], "mmac": 1.0, "runs": runs(80.0),
+        "searched": {"a": {"gene": genes[1], "runs": runs(81.0), "within_budget_tau": tau("seed 0", genes[2])},
+                     "b": {"gene": genes[3], "runs": runs(82.0), "within_budget_tau": tau("old.json", genes[4])}}}]}))
+
+
+def test_an_earlier_spread_run_gives_its_results_by_seed_and_gene_and_they_are_not_retrained(tmp_path):
+    genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28, 7)]
+    _earlier_spread(tmp_path / "old.json", QUICK, genes)
+    done = earlier_spread(tmp_path / "old.json", replace(QUICK, pruning_epochs=9, sandwich=2))
+    assert done[(1, tuple(genes[0]))]["top1"] == 81.0 and done[(0, tuple(genes[3]))]["top1"] == 82.0
+    assert done[(0, tuple(genes[2]))]["top1"] == 75.0  # a within-budget gene retrained by that run
+    assert (0, tuple(genes[4])) not in done  # its top-1 came from another JSON, with that JSON's recipe
+    assert len(done) == 7
+    p = Pipeline("resnet50", 1, QUICK, tmp_path / "run", cpu=True)
+    assert retrained(p, p.layout.parse(genes[1]), "_a_25", done) == {"seed": 1, "top1": 82.0, "retrain_s": None}
+    assert not p.times and not (tmp_path / "run").exists()  # no stage ran
+    with pytest.raises(ValueError, match="differs in retrain_epochs, zero_init_residual"):
+        earlier_spread(tmp_path / "old.json", replace(QUICK, retrain_epochs=9, zero_init_residual=True))
+    (tmp_path / "bad.json").write_text('{"recipe": {}}')
+    with pytest.raises(ValueError, match="not a readable retrain_spread JSON"):
+        earlier_spread(tmp_path / "bad.json", QUICK)
+
+
+def test_an_unreadable_reuse_file_is_one_line_before_anything_runs(tmp_path):
+    (tmp_path / "bad.json").write_text("[]")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "retrain_spread.py"
+    run = subprocess.run([sys.executable, str(script), "--reuse", str(tmp_path / "bad.json")], check=False,
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 2 and "--reuse" in run.stderr and "not a readable retrain_spread JSON" in run.stderr
+    assert "Traceback" not in run.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
