@@ -91,12 +91,14 @@ def earlier_spread(path: Path, recipe: Recipe) -> dict[tuple, dict]:
 
 
 def earlier_band(path: Path, fraction: float, p: Pipeline) -> tuple[list[Gene], list[float]]:
-    """The within-budget genes of ``fraction`` in a reproduce JSON and their from-scratch top-1."""
+    """The within-budget genes of ``fraction`` in a reproduce JSON and their from-scratch top-1 (none when it
+    measured no tau at that budget). ValueError when the file cannot be read."""
     try:
-        rows = json.loads(path.read_text())["within_budget_tau"][f"{fraction:g}"]["genes"]
+        bands = json.loads(path.read_text())["within_budget_tau"]
+        rows = bands[f"{fraction:g}"]["genes"] if f"{fraction:g}" in bands else []
         return [p.layout.parse(r["gene"]) for r in rows], [r["scratch_top1"] for r in rows]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--budget-tau-from {path}: no within-budget genes of the {fraction:g} budget "
+        raise ValueError(f"--budget-tau-from {path}: not a reproduce JSON with within-budget genes "
                          f"({type(e).__name__}: {e})") from None
 
 
@@ -145,24 +147,22 @@ def main() -> None:
     recipe = replace(REPRO, retrain_epochs=args.retrain_epochs, zero_init_residual=args.zero_init_residual)
     name = f"{args.arch}_e{recipe.retrain_epochs}{'_zi' if recipe.zero_init_residual else ''}"
     base = ROOT / "runs" / "retrain_spread" / name
-    try:
-        done = earlier_spread(args.reuse, recipe) if args.reuse else {}
-    except ValueError as e:
-        ap.error(str(e))
     pipes = {seed: Pipeline(args.arch, seed, recipe, base / f"seed{seed}", cpu=True) for seed in args.seeds}
     p0 = pipes[args.seeds[0]]
+    try:
+        done = earlier_spread(args.reuse, recipe) if args.reuse else {}
+        bands = {f: earlier_band(args.budget_tau_from, f, p0) for f in args.budgets} if args.budget_tau_from else {}
+    except ValueError as e:
+        ap.error(str(e))
     budgets = []
     for fraction in args.budgets:
         pct = round(fraction * 100)
         genes = {"uniform": uniform_gene(p0.layout, p0.costs, int(p0.budget_mmac(fraction) * 1e6)),
                  **{label: searched_gene(p, fraction) for label, p in searchers.items()}}
-        near, scratch = [], []
-        if args.budget_tau_from:
-            try:
-                near, scratch = earlier_band(args.budget_tau_from, fraction, p0)
-            except ValueError as e:
-                ap.error(str(e))
-        elif args.budget_tau_genes:
+        near, scratch = bands.get(fraction, ([], []))
+        if args.budget_tau_from and not near:
+            print(f"budget {fraction:.0%}: {args.budget_tau_from} has no within-budget genes of it; no tau there")
+        if args.budget_tau_genes and not args.budget_tau_from:
             near = budget_genes(p0, fraction, args.budget_tau_genes, args.within, round(fraction * 1000))
         jobs = [(pipes[seed], g, run_suffix(label, pct)) for label, g in genes.items() for seed in args.seeds]
         jobs += [(p0, g, f"_budget{pct}_{k:02d}") for k, g in enumerate(near) if not args.budget_tau_from]
@@ -191,10 +191,11 @@ def main() -> None:
         budgets.append({"budget": fraction, **uniform, "searched": rows})
         print(f"budget {fraction:.0%} uniform: mean {uniform['mean']}, std {uniform['std']}, "
               f"max - min {uniform['spread']}")
-    save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{name}.json",
-                {"arch": args.arch, "recipe": asdict(recipe), "seeds": args.seeds,
-                 "pruningnets": [str(d) for d in args.pruningnets], "budgets": budgets,
-                 "reused_from": str(args.reuse) if args.reuse else None})
+        # after every budget: a run stopped later keeps the budgets it finished
+        save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{name}.json",
+                    {"arch": args.arch, "recipe": asdict(recipe), "seeds": args.seeds,
+                     "pruningnets": [str(d) for d in args.pruningnets], "budgets": budgets,
+                     "reused_from": str(args.reuse) if args.reuse else None})
 
 
 if __name__ == "__main__":

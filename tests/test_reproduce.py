@@ -145,8 +145,10 @@ def test_the_within_budget_genes_of_an_earlier_run_come_back_with_their_top1(tmp
     p = Pipeline("resnet50", 0, QUICK, tmp_path / "run")
     near, top1 = earlier_band(tmp_path / "old.json", 0.25, p)
     assert [p.layout.format(g) for g in near] == [genes[4]] and top1 == [75.0]
-    with pytest.raises(ValueError, match="no within-budget genes of the 0.5 budget"):
-        earlier_band(tmp_path / "old.json", 0.5, p)
+    assert earlier_band(tmp_path / "old.json", 0.5, p) == ([], [])  # no tau measured at that budget
+    (tmp_path / "bad.json").write_text('{"within_budget_tau": {"0.25": {}}}')
+    with pytest.raises(ValueError, match="not a reproduce JSON with within-budget genes"):
+        earlier_band(tmp_path / "bad.json", 0.25, p)
 
 
 def _earlier_spread(path, recipe, genes):
