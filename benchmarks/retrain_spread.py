@@ -16,15 +16,17 @@ genes and their top-1 from a ``benchmarks/reproduce.py`` run instead (retrained 
 
 Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0 1 2 3 4]
 [--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--budget-tau-genes 8] [--jobs 2]
-[--reuse JSON]``. Runs go to ``runs/retrain_spread/``; a retraining finished there earlier is read back, not run
-again, and ``--reuse`` takes the (gene, seed) results of an earlier run's JSON, retrained with the same recipe
-(a run folder that is gone, or another machine's). The result: ``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi].json``.
+[--reuse JSON ...] [--tag _b50]``. Runs go to ``runs/retrain_spread/``; a retraining finished there earlier is read
+back, not run again, and ``--reuse`` takes the (gene, seed) results of earlier runs' JSONs, retrained with the same
+recipe (a run folder that is gone, or another machine's). The result:
+``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi]{tag}.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -132,9 +134,13 @@ def main() -> None:
                     help="a benchmarks/reproduce.py JSON: its within-budget genes and their from-scratch top-1 (with "
                          "its retraining recipe) instead of retraining --budget-tau-genes")
     ap.add_argument("--jobs", type=int, default=1, help="retrainings at a time, each on cores/jobs threads")
-    ap.add_argument("--reuse", type=Path, help="an earlier retrain_spread JSON of this retraining recipe: its "
-                                               "results by (seed, gene) instead of retraining them")
+    ap.add_argument("--reuse", type=Path, nargs="+", default=[],
+                    help="earlier retrain_spread JSONs of this retraining recipe: their results by (seed, gene) "
+                         "instead of retraining them")
+    ap.add_argument("--tag", default="", help="appended to the result's file name (a run of other budgets or seeds)")
     args = ap.parse_args()
+    if not re.fullmatch(r"[\w.-]*", args.tag):
+        ap.error(f"--tag {args.tag!r}: use letters, digits, '_', '.' and '-' only (it is part of a file name)")
     for d in args.pruningnets:
         if not (d / "checkpoints").is_dir():
             ap.error(f"--pruningnets {d}: not a run folder (no checkpoints/ in it)")
@@ -150,7 +156,7 @@ def main() -> None:
     pipes = {seed: Pipeline(args.arch, seed, recipe, base / f"seed{seed}", cpu=True) for seed in args.seeds}
     p0 = pipes[args.seeds[0]]
     try:
-        done = earlier_spread(args.reuse, recipe) if args.reuse else {}
+        done = {k: v for path in args.reuse for k, v in earlier_spread(path, recipe).items()}
         bands = {f: earlier_band(args.budget_tau_from, f, p0) for f in args.budgets} if args.budget_tau_from else {}
     except ValueError as e:
         ap.error(str(e))
@@ -192,10 +198,10 @@ def main() -> None:
         print(f"budget {fraction:.0%} uniform: mean {uniform['mean']}, std {uniform['std']}, "
               f"max - min {uniform['spread']}")
         # after every budget: a run stopped later keeps the budgets it finished
-        save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{name}.json",
+        save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{name}{args.tag}.json",
                     {"arch": args.arch, "recipe": asdict(recipe), "seeds": args.seeds,
                      "pruningnets": [str(d) for d in args.pruningnets], "budgets": budgets,
-                     "reused_from": str(args.reuse) if args.reuse else None})
+                     "reused_from": [str(path) for path in args.reuse]})
 
 
 if __name__ == "__main__":

@@ -179,10 +179,12 @@ def test_an_earlier_spread_run_gives_its_results_by_seed_and_gene_and_they_are_n
         earlier_spread(tmp_path / "bad.json", QUICK)
 
 
-def test_an_unreadable_reuse_file_is_one_line_before_anything_runs(tmp_path):
+@pytest.mark.parametrize("argv, message", [(["--reuse", "bad.json"], "--reuse bad.json: not a readable retrain_spread"),
+                                           (["--tag", "../x"], "--tag '../x': use letters")])
+def test_a_bad_reuse_file_or_tag_is_one_line_before_anything_runs(tmp_path, argv, message):
     (tmp_path / "bad.json").write_text("[]")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "retrain_spread.py"
-    run = subprocess.run([sys.executable, str(script), "--reuse", str(tmp_path / "bad.json")], check=False,
-                         cwd=tmp_path, capture_output=True, text=True)
-    assert run.returncode == 2 and "--reuse" in run.stderr and "not a readable retrain_spread JSON" in run.stderr
-    assert "Traceback" not in run.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+    run = subprocess.run([sys.executable, str(script), *argv], check=False, cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
