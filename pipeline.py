@@ -91,7 +91,7 @@ class Pipeline:
         argv = [*argv, "--output-dir", str(self.run_dir)]
         print(f"\n=== {name}: {script} {' '.join(argv)}", flush=True)
         start = time.perf_counter()
-        status = subprocess.run([sys.executable, str(ROOT / script), *argv]).returncode
+        status = subprocess.run([sys.executable, str(ROOT / script), *argv], check=False).returncode
         self.times[name] = time.perf_counter() - start
         if status:
             raise StageFailed(name, status)
@@ -139,12 +139,14 @@ class Pipeline:
         others = f"_minflops{min_flops}" if min_flops else ""
         return self.output(f"MetaPruneSearch_{self.arch}_pruningnet_flops{budget_mmac}{others}_checkpoint.pth.tar")
 
-    def retrain(self, gene: Gene, suffix: str) -> dict[str, float]:
-        """Train the PrunedNet of ``gene`` from scratch; its final validation metrics."""
+    def retrain(self, gene: Gene, suffix: str, resume: Path | None = None) -> dict[str, float]:
+        """Train the PrunedNet of ``gene`` from scratch (or go on with the stopped run of it in ``resume``);
+        its final validation metrics."""
         self._stage(f"retrain{suffix}", "meta_trainer_exp.py", [
             "--arch", f"{self.arch}_prunednet", *self.data, *self.train, "--lr", str(self.r.lr),
             "--epochs", str(self.r.retrain_epochs), "--gene", str(self.layout.format(gene)), "--suffix", suffix,
-            *(["--zero-init-residual"] if self.r.zero_init_residual else [])])
+            *(["--zero-init-residual"] if self.r.zero_init_residual else []),
+            *(["--resume", str(resume)] if resume else [])])
         return checkpoint.load(self.output(f"fashionmnist_{self.arch}_prunednet{suffix}_checkpoint.pth.tar"))["metrics"]
 
     def row(self, name: str, gene: Gene, metrics: dict[str, float], stage: str) -> dict:

@@ -45,16 +45,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def retrained(p: Pipeline, gene: Gene, suffix: str, done: dict[tuple, dict] | None = None) -> dict:
     """``gene`` trained from scratch in ``p``'s run folder, or read back (``retrain_s`` None) when a finished
-    run of it is there or ``done`` holds its result by (seed, gene)."""
+    run of it is there or ``done`` holds its result by (seed, gene); a stopped run of it there goes on from its
+    last epoch (``retrain_s`` the time of what was left)."""
     hit = (done or {}).get((p.seed, tuple(p.layout.format(gene))))
     if hit is not None:
         return {**hit, "retrain_s": None}
     path = p.output(f"fashionmnist_{p.arch}_prunednet{suffix}_checkpoint.pth.tar")
     state = checkpoint.load(path) if path.is_file() else None
-    if state and state["epoch"] == p.r.retrain_epochs and tuple(state["gene"]) == tuple(gene):
+    same = state is not None and tuple(state["gene"]) == tuple(gene)
+    if same and state["epoch"] == p.r.retrain_epochs:
         return {"seed": p.seed, "top1": round(state["metrics"]["top1"], 2), "retrain_s": None}  # read back
     start = time.perf_counter()
-    top1 = p.retrain(gene, suffix)["top1"]
+    top1 = p.retrain(gene, suffix, resume=path if same else None)["top1"]
     return {"seed": p.seed, "top1": round(top1, 2), "retrain_s": round(time.perf_counter() - start, 1)}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from app import checkpoint
 from benchmarks.reproduce import ReusingPipeline, budget_genes, earlier_results, spread_genes
 from benchmarks.retrain_spread import earlier_band, earlier_spread, retrained
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
@@ -139,6 +140,21 @@ def test_a_finished_retraining_is_read_back_and_another_gene_is_trained(tmp_path
         retrained(p, p.layout.narrowest(), "_uniform25")
 
 
+def test_a_stopped_retraining_goes_on_from_its_last_epoch(tmp_path):
+    root = str(make_fashion_mnist(tmp_path / "fm", train_per_class=40, test_per_class=5))
+    p = Pipeline("resnet50", 3, QUICK, tmp_path / "run", root, cpu=True)
+    gene = p.layout.parse(QUICK_GENE)
+    retrained(p, gene, "_uniform25")
+    # the same folder under a 2-epoch recipe holds that run stopped after its first epoch
+    p = Pipeline("resnet50", 3, replace(QUICK, retrain_epochs=2), tmp_path / "run", root, cpu=True)
+    ended = retrained(p, gene, "_uniform25")
+    assert ended["retrain_s"] > 0
+    assert checkpoint.load(p.output("fashionmnist_resnet50_prunednet_uniform25_checkpoint.pth.tar"))["epoch"] == 2
+    log = p.run_dir / "logs" / "fashionmnist_resnet50_prunednet_uniform25.jsonl"
+    epochs = [r["epoch"] for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "epoch"]
+    assert epochs == [1, 2]  # the first epoch was not trained again
+
+
 def test_the_within_budget_genes_of_an_earlier_run_come_back_with_their_top1(tmp_path):
     genes = [[k] * 4 + [-1] + [k] * 16 for k in (3, 12, 20, 28, 7)]
     _earlier_run(tmp_path / "old.json", QUICK, genes)
@@ -149,6 +165,9 @@ def test_the_within_budget_genes_of_an_earlier_run_come_back_with_their_top1(tmp
     (tmp_path / "bad.json").write_text('{"within_budget_tau": {"0.25": {}}}')
     with pytest.raises(ValueError, match="not a reproduce JSON with within-budget genes"):
         earlier_band(tmp_path / "bad.json", 0.25, p)
+
+
+QUICK_GENE = [12] * 4 + [-1] + [12] * 16
 
 
 def _earlier_spread(path, recipe, genes):
