@@ -18,7 +18,8 @@ Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0
 [--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--budget-tau-genes 8] [--jobs 2]
 [--reuse JSON ...] [--tag _b50]``. Runs go to ``runs/retrain_spread/``; a retraining finished there earlier is read
 back, not run again, and ``--reuse`` takes the (gene, seed) results of earlier runs' JSONs, retrained with the same
-recipe (a run folder that is gone, or another machine's). The result:
+recipe (a run folder that is gone, or another machine's); the scores their PruningNets gave the same within-budget
+genes give those PruningNets' tau against this run's top-1 of them (``earlier_pruningnets_tau``). The result:
 ``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi]{tag}.json``.
 """
 from __future__ import annotations
@@ -92,6 +93,19 @@ def earlier_spread(path: Path, recipe: Recipe) -> dict[tuple, dict]:
         raise ValueError(f"--reuse {path}: its retraining recipe differs in {', '.join(differ)}; reuse a run "
                          "retrained with this recipe")
     return done
+
+
+def earlier_scores(paths: list[Path], fraction: float) -> dict[str, dict[tuple, float]]:
+    """Per PruningNet of the ``--reuse`` JSONs (read by ``earlier_spread``), its score of each within-budget gene
+    of ``fraction`` it scored: its tau can then be taken against this run's top-1 of the same genes."""
+    scores: dict[str, dict[tuple, float]] = {}
+    for path in paths:
+        for b in json.loads(path.read_text())["budgets"]:
+            if b["budget"] == fraction:
+                for label, row in b["searched"].items():
+                    genes = row.get("within_budget_tau", {}).get("genes", [])
+                    scores.setdefault(label, {}).update({tuple(g["gene"]): g["proxy_top1"] for g in genes})
+    return scores
 
 
 def earlier_band(path: Path, fraction: float, p: Pipeline) -> tuple[list[Gene], list[float]]:
@@ -196,7 +210,14 @@ def main() -> None:
             print(f"budget {fraction:.0%} {label}: searched {row['mean']} ± {row['std']}, searched - uniform "
                   f"{row['mean_difference']} (paired t p {row['paired_t_p']}, Wilcoxon p {row['wilcoxon_p']})"
                   + (f", tau within ±{args.within:.0%}: {row['within_budget_tau']['tau']:.3f}" if near else ""))
-        budgets.append({"budget": fraction, **uniform, "searched": rows})
+        earlier = {}
+        for label, scores in earlier_scores(args.reuse, fraction).items() if near else ():
+            keys = [tuple(p0.layout.format(g)) for g in near]
+            if label not in rows and all(k in scores for k in keys):
+                earlier[label] = kendall_tau([scores[k] for k in keys], scratch)
+                print(f"budget {fraction:.0%} {label} (scores from --reuse): tau within ±{args.within:.0%}: "
+                      f"{earlier[label]:.3f}")
+        budgets.append({"budget": fraction, **uniform, "searched": rows, "earlier_pruningnets_tau": earlier})
         print(f"budget {fraction:.0%} uniform: mean {uniform['mean']}, std {uniform['std']}, "
               f"max - min {uniform['spread']}")
         # after every budget: a run stopped later keeps the budgets it finished

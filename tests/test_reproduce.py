@@ -11,7 +11,7 @@ import pytest
 
 from app import checkpoint
 from benchmarks.reproduce import ReusingPipeline, budget_genes, earlier_results, spread_genes
-from benchmarks.retrain_spread import earlier_band, earlier_spread, retrained
+from benchmarks.retrain_spread import earlier_band, earlier_scores, earlier_spread, retrained
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from data.synthetic import make_fashion_mnist
 from pipeline import QUICK, Pipeline, StageFailed
@@ -188,6 +188,9 @@ def test_an_earlier_spread_run_gives_its_results_by_seed_and_gene_and_they_are_n
     assert done[(0, tuple(genes[2]))]["top1"] == 75.0  # a within-budget gene retrained by that run
     assert (0, tuple(genes[4])) not in done  # its top-1 came from another JSON, with that JSON's recipe
     assert len(done) == 7
+    # each PruningNet's scores of its within-budget genes, for a tau against new top-1 of them
+    assert earlier_scores([tmp_path / "old.json"], 0.25) == {"a": {tuple(genes[2]): 50.0}, "b": {tuple(genes[4]): 50.0}}
+    assert earlier_scores([tmp_path / "old.json"], 0.5) == {}
     p = Pipeline("resnet50", 1, QUICK, tmp_path / "run", cpu=True)
     assert retrained(p, p.layout.parse(genes[1]), "_a_25", done) == {"seed": 1, "top1": 82.0, "retrain_s": None}
     assert not p.times and not (tmp_path / "run").exists()  # no stage ran
