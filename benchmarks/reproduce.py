@@ -101,20 +101,27 @@ class ReusingPipeline(Pipeline):
         return {"top1": hit["top1"]}
 
 
+def check_retrain_recipe(path: Path, old_recipe: dict, recipe: Recipe) -> None:
+    """ValueError unless the results of ``path``, retrained with ``old_recipe`` (a JSON's ``recipe``; fields
+    added since take their defaults), were retrained as ``recipe`` retrains."""
+    was = {**asdict(Recipe()), **old_recipe}
+    differ = [f for f in RETRAIN_FIELDS if was[f] != getattr(recipe, f)]
+    if differ:
+        raise ValueError(f"--reuse {path}: its retraining recipe differs in {', '.join(differ)}; reuse a run "
+                         "retrained with this recipe")
+
+
 def earlier_results(path: Path, recipe: Recipe) -> tuple[dict[tuple, dict], int, list[list[int]]]:
     """An earlier run's from-scratch results by (seed, gene), the seed of its tau genes and those genes
     (distinct, extra genes added to its JSON included). ValueError when it cannot be reused."""
     try:
         old = json.loads(path.read_text())
-        was = {**asdict(Recipe()), **old["recipe"]}  # fields added since take their defaults
-        differ = [f for f in RETRAIN_FIELDS if was[f] != getattr(recipe, f)]
+        old_recipe = old["recipe"]
         done = {(c["seed"], tuple(r["gene"])): r for c in old["comparisons"] for r in c["results"]}
         tau_seed, rows = old["comparisons"][0]["seed"], old["tau_genes"] + old.get("tau_extra_genes", [])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise ValueError(f"--reuse {path}: not a readable reproduce JSON ({type(e).__name__}: {e})")
-    if differ:
-        raise ValueError(f"--reuse {path}: its retraining recipe differs in {', '.join(differ)}; reuse a run "
-                         "retrained with this recipe")
+    check_retrain_recipe(path, old_recipe, recipe)
     tau_genes = []
     for r in rows:
         if r["gene"] not in tau_genes:

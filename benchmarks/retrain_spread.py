@@ -35,7 +35,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from app import checkpoint
-from benchmarks.reproduce import REPRO, RETRAIN_FIELDS, budget_genes, proxy_scores
+from benchmarks.reproduce import REPRO, budget_genes, check_retrain_recipe, proxy_scores
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from benchmarks.throughput import save_result
 from models import Gene, list_families
@@ -75,7 +75,7 @@ def earlier_spread(path: Path, recipe: Recipe) -> dict[tuple, dict]:
     runs and the within-budget genes it retrained. ValueError when they were retrained with another recipe."""
     try:
         old = json.loads(path.read_text())
-        was = {**asdict(Recipe()), **old["recipe"]}  # fields added since take their defaults
+        old_recipe = old["recipe"]
         done = {}
         for b in old["budgets"]:
             for row in [b, *b["searched"].values()]:
@@ -88,10 +88,7 @@ def earlier_spread(path: Path, recipe: Recipe) -> dict[tuple, dict]:
                                  for g in tau["genes"]})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"--reuse {path}: not a readable retrain_spread JSON ({type(e).__name__}: {e})") from None
-    differ = [f for f in RETRAIN_FIELDS if was[f] != getattr(recipe, f)]
-    if differ:
-        raise ValueError(f"--reuse {path}: its retraining recipe differs in {', '.join(differ)}; reuse a run "
-                         "retrained with this recipe")
+    check_retrain_recipe(path, old_recipe, recipe)
     return done
 
 
@@ -210,9 +207,8 @@ def main() -> None:
             print(f"budget {fraction:.0%} {label}: searched {row['mean']} ± {row['std']}, searched - uniform "
                   f"{row['mean_difference']} (paired t p {row['paired_t_p']}, Wilcoxon p {row['wilcoxon_p']})"
                   + (f", tau within ±{args.within:.0%}: {row['within_budget_tau']['tau']:.3f}" if near else ""))
-        earlier = {}
+        earlier, keys = {}, [tuple(p0.layout.format(g)) for g in near]
         for label, scores in earlier_scores(args.reuse, fraction).items() if near else ():
-            keys = [tuple(p0.layout.format(g)) for g in near]
             if label not in rows and all(k in scores for k in keys):
                 earlier[label] = kendall_tau([scores[k] for k in keys], scratch)
                 print(f"budget {fraction:.0%} {label} (scores from --reuse): tau within ±{args.within:.0%}: "
