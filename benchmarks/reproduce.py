@@ -8,12 +8,13 @@
    of that gene trained from scratch, for genes spread over the budget range.
 
 Run: ``.venv/bin/python benchmarks/reproduce.py [--arch resnet50] [--seeds 0 1 2] [--budgets 0.25 0.5]
-[--tau-genes 12] [--quick]``. Runs go to ``runs/reproduce/``; the summary to
-``benchmarks/results/reproduce_{arch}.json`` and ``docs/results.md`` with the plots beside it.
+[--tau-genes 12] [--quick]``. Runs go to ``runs/reproduce/``; the result to ``--out`` (default
+``benchmarks/results/``): ``reproduce_{arch}{tag}.json``, a markdown summary ``reproduce_{arch}{tag}.md`` and
+the tau plot ``reproduce_{arch}{tag}_tau.png``. Nothing in ``docs/`` is written: the write-up there is by hand.
 
 Trying a fix: ``--pruning-epochs``, ``--recal-batches``, ``--iterations`` and ``--min-fraction``
 change the PruningNet's and the search's side of the recipe, and ``--tag`` names the variant (its own
-run folder and JSON; docs/results.md is left alone). ``--reuse FILE`` takes the from-scratch results of
+run folder and result files). ``--reuse FILE`` takes the from-scratch results of
 an earlier run's JSON instead of retraining them (retraining depends on the gene, the seed and the
 retraining recipe, not on the PruningNet), and its tau genes, so the variant's proxy is compared on the
 same genes against the same ground truth. ``--pruningnets DIR`` takes each seed's trained PruningNet
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -47,6 +49,7 @@ from models.gene import NUM_SCALES
 from pipeline import FULL, QUICK, Pipeline, Recipe, compare
 from search.evaluator import search_evaluator
 from utils.cli import UserError
+from utils.files import save_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,7 +263,12 @@ def main() -> None:
                     help="per budget, genes within --within of its MACs whose PruningNet ranking is measured")
     ap.add_argument("--within", type=float, default=0.1, help="how near the budget those genes' MACs are")
     ap.add_argument("--quick", action="store_true", help="tiny recipe: checks the machinery, not the claims")
+    ap.add_argument("--data-root", help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                    help="folder of the result: its JSON, markdown summary and tau plot")
     args = ap.parse_args()
+    if not re.fullmatch(r"[\w.-]*", args.tag):
+        ap.error(f"--tag {args.tag!r}: use letters, digits, '_', '.' and '-' only (it is part of a file name)")
     recipe, start = (QUICK if args.quick else REPRO), time.perf_counter()
     recipe = replace(recipe, pruning_epochs=args.pruning_epochs or recipe.pruning_epochs,
                      recal_batches=args.recal_batches or recipe.recal_batches,
@@ -268,6 +276,7 @@ def main() -> None:
                      retrain_epochs=args.retrain_epochs or recipe.retrain_epochs, sandwich=args.sandwich,
                      distill=args.distill, zero_init_residual=args.zero_init_residual)
     tag = args.tag + ("_quick" if args.quick else "")
+    stem = f"reproduce_{args.arch}{tag}"
     if recipe != REPRO and not tag:
         ap.error("a changed recipe needs --tag (the reproduction's own results are not to be overwritten)")
     try:
@@ -279,7 +288,7 @@ def main() -> None:
     base = Path("runs/reproduce") / f"{args.arch}{tag}"
     comparisons, pipes = [], {}
     for seed in args.seeds:
-        p = pipes[seed] = ReusingPipeline(args.arch, seed, recipe, base / f"seed{seed}", done=done,
+        p = pipes[seed] = ReusingPipeline(args.arch, seed, recipe, base / f"seed{seed}", args.data_root, done=done,
                                           pruningnets=args.pruningnets, cpu=True)
         try:
             p.train_pruningnet()
@@ -318,21 +327,19 @@ def main() -> None:
                   f"(15–90% of the full MACs, seed {tau_seed}): **{tau:.3f}**; by recalibration batches: "
                   f"{', '.join(f'{n}: {t:.3f}' for n, t in tau_by_recal.items())}; over the genes of at most / "
                   f"more than half the full MACs: {tau_by_half['lower']:.3f} / {tau_by_half['upper']:.3f}", "",
-                  "![proxy vs from-scratch top-1](reproduce_tau.png)", ""]
+                  f"![proxy vs from-scratch top-1]({stem}_tau.png)", ""]
     for fraction, t in near.items():
         lines.append(f"Kendall tau over {len(t['genes'])} genes within ±{t['within']:.0%} of the "
                      f"{float(fraction):.0%} budget (seed {tau_seed}): **{t['tau']:.3f}**")
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     result = {"arch": args.arch, "command": " ".join(sys.argv), "recipe": asdict(recipe), "summary": summary,
               "comparisons": comparisons, "tau": tau, "tau_by_recal": tau_by_recal,
               "tau_by_half": tau_by_half, "tau_genes": tau_rows, "within_budget_tau": near,
               "reused_from": str(args.reuse) if args.reuse else None,
               "hours": round((time.perf_counter() - start) / 3600, 2)}
-    (out / f"reproduce_{args.arch}{tag}.json").write_text(json.dumps(result, indent=1))
-    if not tag and tau_rows:
-        plot(tau_rows, tau, ROOT / "docs" / "reproduce_tau.png")
-        (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
+    save_text(json.dumps(result, indent=1), args.out / f"{stem}.json")
+    save_text("\n".join(lines) + "\n", args.out / f"{stem}.md")
+    if tau_rows:
+        plot(tau_rows, tau, args.out / f"{stem}_tau.png")
     print("\n".join(lines))
 
 

@@ -201,12 +201,33 @@ def test_an_earlier_spread_run_gives_its_results_by_seed_and_gene_and_they_are_n
         earlier_spread(tmp_path / "bad.json", QUICK)
 
 
-@pytest.mark.parametrize("argv, message", [(["--reuse", "bad.json"], "--reuse bad.json: not a readable retrain_spread"),
-                                           (["--tag", "../x"], "--tag '../x': use letters")])
-def test_a_bad_reuse_file_or_tag_is_one_line_before_anything_runs(tmp_path, argv, message):
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("retrain_spread.py", ["--reuse", "bad.json"], "--reuse bad.json: not a readable retrain_spread"),
+    ("retrain_spread.py", ["--tag", "../x"], "--tag '../x': use letters"),
+    ("reproduce.py", ["--tag", "../x"], "--tag '../x': use letters")])
+def test_a_bad_reuse_file_or_tag_is_one_line_before_anything_runs(tmp_path, script, argv, message):
     (tmp_path / "bad.json").write_text("[]")
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "retrain_spread.py"
+    script = BENCHMARKS / script
     run = subprocess.run([sys.executable, str(script), *argv], check=False, cwd=tmp_path, capture_output=True,
                          text=True)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+def test_the_reproduction_writes_its_json_summary_and_plot_into_out(tmp_path):
+    root = make_fashion_mnist(tmp_path / "fm", train_per_class=40, test_per_class=5)
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce.py"), "--quick", "--seeds", "0", "--budgets",
+                          "--tau-genes", "2", "--tau-recal", "2", "--data-root", str(root), "--out", "out"],
+                         check=False, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "reproduce_resnet50_quick.json", "reproduce_resnet50_quick.md", "reproduce_resnet50_quick_tau.png"]
+    result = json.loads((out / "reproduce_resnet50_quick.json").read_text())
+    assert len(result["tau_genes"]) == 2 and result["recipe"] == asdict(QUICK)
+    summary = (out / "reproduce_resnet50_quick.md").read_text()
+    assert "over 2 genes" in summary and "(reproduce_resnet50_quick_tau.png)" in summary
+    assert (out / "reproduce_resnet50_quick_tau.png").read_bytes()[:4] == b"\x89PNG"
