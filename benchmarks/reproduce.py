@@ -220,6 +220,12 @@ def proxy_quality(p: Pipeline, genes: list, recals: list[int] | None) -> tuple[l
     return rows, by_recal, by_half
 
 
+def check_tag(ap: argparse.ArgumentParser, tag: str) -> None:
+    """Stop with one line when ``--tag`` (a part of result file names) holds anything but a file name's letters."""
+    if not re.fullmatch(r"[\w.-]*", tag):
+        ap.error(f"--tag {tag!r}: use letters, digits, '_', '.' and '-' only (it is part of a file name)")
+
+
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
 
@@ -267,8 +273,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                     help="folder of the result: its JSON, markdown summary and tau plot")
     args = ap.parse_args()
-    if not re.fullmatch(r"[\w.-]*", args.tag):
-        ap.error(f"--tag {args.tag!r}: use letters, digits, '_', '.' and '-' only (it is part of a file name)")
+    check_tag(ap, args.tag)
     recipe, start = (QUICK if args.quick else REPRO), time.perf_counter()
     recipe = replace(recipe, pruning_epochs=args.pruning_epochs or recipe.pruning_epochs,
                      recal_batches=args.recal_batches or recipe.recal_batches,

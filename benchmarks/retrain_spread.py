@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from app import checkpoint
-from benchmarks.reproduce import REPRO, budget_genes, check_retrain_recipe, proxy_scores
+from benchmarks.reproduce import REPRO, budget_genes, check_retrain_recipe, check_tag, proxy_scores
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from benchmarks.throughput import save_result
 from models import Gene, list_families
@@ -152,8 +151,7 @@ def main() -> None:
                          "instead of retraining them")
     ap.add_argument("--tag", default="", help="appended to the result's file name (a run of other budgets or seeds)")
     args = ap.parse_args()
-    if not re.fullmatch(r"[\w.-]*", args.tag):
-        ap.error(f"--tag {args.tag!r}: use letters, digits, '_', '.' and '-' only (it is part of a file name)")
+    check_tag(ap, args.tag)
     for d in args.pruningnets:
         if not (d / "checkpoints").is_dir():
             ap.error(f"--pruningnets {d}: not a run folder (no checkpoints/ in it)")
