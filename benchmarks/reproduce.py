@@ -233,6 +233,8 @@ def mean_std(values: list[float]) -> str:
 def plot(tau_rows: list[dict], tau: float, out: Path) -> None:
     from matplotlib.figure import Figure
 
+    from utils.plot import save as save_png
+
     fig = Figure(figsize=(5.5, 4.2))
     ax = fig.subplots()
     sc = ax.scatter([r["proxy_top1"] for r in tau_rows], [r["scratch_top1"] for r in tau_rows],
@@ -242,7 +244,7 @@ def plot(tau_rows: list[dict], tau: float, out: Path) -> None:
     ax.set_ylabel("trained from scratch top-1 (%), test set")
     ax.set_title(f"proxy quality: Kendall tau = {tau:.2f} ({len(tau_rows)} genes)")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_png(fig, out, 110)
 
 
 def main() -> None:

@@ -121,6 +121,22 @@ def test_cli_writes_one_png_per_kind(tmp_path, capsys):
     assert matplotlib.image.imread(written[1]).shape[:2] == (5 * 50, 12 * 50)
 
 
+def test_a_failed_render_keeps_the_earlier_png_and_no_temporary_file(tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / "run.jsonl", [step(0, 1), step(0, 2)])
+    png = plot.main([str(train), "--out", str(tmp_path), "--dpi", "20"])[0]
+    before = png.read_bytes()
+
+    def die_half_way(self, f, **kwargs):  # as a full disk or a kill in the middle of writing would
+        f.write(before[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot.Figure, "savefig", die_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        plot.main([str(train), "--out", str(tmp_path), "--dpi", "20"])
+    assert png.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.jsonl", "run_training.png"]
+
+
 def test_a_real_training_log_renders(tmp_path):
     make_image_folder(tmp_path / "img", num_classes=3, train_per_class=8, val_per_class=2, size=24)
     r = invoke("trainer_exp.py", "--arch", "mobilenetv2_prunednet", "--epochs", "2", "--valuate", *TINY_DATA,

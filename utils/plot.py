@@ -24,7 +24,7 @@ import requests
 from matplotlib.figure import Figure
 
 from .cli import Parser, UserError, run_script, tcp_port
-from .files import read_text
+from .files import atomic_write, read_text
 from .logger import run_start
 
 MAX_DPI = 1000  # an 11 x 7 inch figure is then 11,000 x 7,000 pixels
@@ -221,15 +221,9 @@ def check_out(out_dir: Path) -> None:
 
 
 def save(fig: Figure, path: Path, dpi: int) -> None:
-    """Write one PNG, making its folder (checked by ``check_out``)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {path.parent}: cannot make the folder ({e.strerror}); give a writable folder") from None
-    try:
-        fig.savefig(path, dpi=dpi)  # a pyplot-free Figure renders with Agg: no backend switch
-    except OSError as e:
-        raise UserError(f"--out: cannot write {path} ({e.strerror}); give a writable folder") from None
+    """Write one PNG through a temporary file, so that a killed or failed write keeps the previous one."""
+    # a pyplot-free Figure renders with Agg: no backend switch
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def render(log: Path, out_dir: Path, dpi: int = 110) -> list[Path]:
