@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app import checkpoint
-from app.config import CHECKPOINT_SUBDIR, LOG_SUBDIR
+from app.config import LOG_SUBDIR, run_files
 from models import Gene, GeneLayout, get_family, list_families
 from models.cost import CostModel, cost_model
+from search.record import search_files
 from utils.cli import Parser, ReportedError, UserError, run_script
 from utils.files import save_text
 from utils.plot import main as plot_main
@@ -96,13 +97,16 @@ class Pipeline:
         if status:
             raise StageFailed(name, status)
 
-    def output(self, name: str) -> Path:
-        """A checkpoint the stages write, in the run folder."""
-        return self.run_dir / CHECKPOINT_SUBDIR / name
+    def run_checkpoint(self, net: str, suffix: str = "", best: bool = False) -> Path:
+        """The resumable (or best) checkpoint ``meta_trainer_exp.py --arch {arch}_{net} --suffix suffix`` writes
+        here, named as the script names it."""
+        cfg = argparse.Namespace(dataset="fashionmnist", arch=f"{self.arch}_{net}", suffix=suffix,
+                                 output_dir=self.run_dir)
+        return run_files(cfg)[best]
 
     @property
     def pruningnet(self) -> Path:
-        return self.output(f"fashionmnist_{self.arch}_pruningnet_best.pth.tar")
+        return self.run_checkpoint("pruningnet", best=True)
 
     def budget_mmac(self, fraction: float) -> float:
         """``fraction`` of the full network's MACs in MMac, to 4 significant digits (a readable file name)."""
@@ -115,7 +119,7 @@ class Pipeline:
             "--epochs", str(self.r.pruning_epochs), "--recal-batches", str(self.r.recal_batches),
             *(["--sandwich", str(self.r.sandwich)] if self.r.sandwich is not None else []),
             *(["--distill"] if self.r.distill else [])])
-        return checkpoint.load(self.output(f"fashionmnist_{self.arch}_pruningnet_checkpoint.pth.tar"))["metrics"]
+        return checkpoint.load(self.run_checkpoint("pruningnet"))["metrics"]
 
     def search(self, budget_mmac: float) -> list:
         """Candidates (README form, best first) of a search under ``budget_mmac``."""
@@ -134,10 +138,12 @@ class Pipeline:
         return f"{float(f'{budget_mmac * self.r.min_fraction:.4g}'):g}" if self.r.min_fraction else ""
 
     def search_output(self, budget_mmac: float) -> Path:
-        """The checkpoint a search under ``budget_mmac`` writes."""
+        """The checkpoint a search under ``budget_mmac`` writes, named as ``meta_search_exp.py`` names it."""
         min_flops = self._min_flops(budget_mmac)
-        others = f"_minflops{min_flops}" if min_flops else ""
-        return self.output(f"MetaPruneSearch_{self.arch}_pruningnet_flops{budget_mmac}{others}_checkpoint.pth.tar")
+        cfg = argparse.Namespace(arch=f"{self.arch}_pruningnet", flops_name=str(budget_mmac),
+                                 min_flops=float(min_flops) if min_flops else None, params=None, latency=None,
+                                 suffix="", log=None, output_dir=self.run_dir)
+        return search_files(cfg).checkpoint
 
     def retrain(self, gene: Gene, suffix: str, resume: Path | None = None) -> dict[str, float]:
         """Train the PrunedNet of ``gene`` from scratch (or go on with the stopped run of it in ``resume``);
@@ -147,7 +153,7 @@ class Pipeline:
             "--epochs", str(self.r.retrain_epochs), "--gene", str(self.layout.format(gene)), "--suffix", suffix,
             *(["--zero-init-residual"] if self.r.zero_init_residual else []),
             *(["--resume", str(resume)] if resume else [])])
-        return checkpoint.load(self.output(f"fashionmnist_{self.arch}_prunednet{suffix}_checkpoint.pth.tar"))["metrics"]
+        return checkpoint.load(self.run_checkpoint("prunednet", suffix))["metrics"]
 
     def row(self, name: str, gene: Gene, metrics: dict[str, float], stage: str) -> dict:
         c = self.costs(gene)

@@ -50,7 +50,7 @@ def retrained(p: Pipeline, gene: Gene, suffix: str, done: dict[tuple, dict] | No
     hit = (done or {}).get((p.seed, tuple(p.layout.format(gene))))
     if hit is not None:
         return {**hit, "retrain_s": None}
-    path = p.output(f"fashionmnist_{p.arch}_prunednet{suffix}_checkpoint.pth.tar")
+    path = p.run_checkpoint("prunednet", suffix)
     state = checkpoint.load(path) if path.is_file() else None
     same = state is not None and tuple(state["gene"]) == tuple(gene)
     if same and state["epoch"] == p.r.retrain_epochs:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app import checkpoint
+from app.config import CHECKPOINT_SUBDIR
 from benchmarks.reproduce import ReusingPipeline, budget_genes, earlier_results, spread_genes
 from benchmarks.retrain_spread import earlier_band, earlier_scores, earlier_spread, retrained
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
@@ -149,7 +150,8 @@ def test_a_stopped_retraining_goes_on_from_its_last_epoch(tmp_path):
     p = Pipeline("resnet50", 3, replace(QUICK, retrain_epochs=2), tmp_path / "run", root, cpu=True)
     ended = retrained(p, gene, "_uniform25")
     assert ended["retrain_s"] > 0
-    assert checkpoint.load(p.output("fashionmnist_resnet50_prunednet_uniform25_checkpoint.pth.tar"))["epoch"] == 2
+    saved = p.run_dir / CHECKPOINT_SUBDIR / "fashionmnist_resnet50_prunednet_uniform25_checkpoint.pth.tar"
+    assert checkpoint.load(saved)["epoch"] == 2
     log = p.run_dir / "logs" / "fashionmnist_resnet50_prunednet_uniform25.jsonl"
     epochs = [r["epoch"] for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "epoch"]
     assert epochs == [1, 2]  # the first epoch was not trained again
