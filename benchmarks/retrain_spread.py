@@ -12,11 +12,13 @@ whether that searched gene beats the uniform one, not how much the search varies
 ``--budget-tau-genes N``: per budget, N random genes within ``--within`` (default ±10%) of its MACs, the
 genes the search chooses between, retrained with the first seed; per folder, Kendall's tau between its
 PruningNet's score of them (as the search scores) and their top-1; ``--budget-tau-from JSON`` takes those
-genes and their top-1 from a ``benchmarks/reproduce.py`` run instead (retrained with its recipe).
+genes and their top-1 from a ``benchmarks/reproduce.py`` run instead (retrained with its recipe). ``--rank-only``:
+the searches and the within-budget tau only, nothing retrained (the genes' top-1 from ``--reuse``): a new
+PruningNet's choices and ranking against the ground truth of earlier runs, in minutes instead of hours.
 
 Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0 1 2 3 4]
 [--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--budget-tau-genes 8] [--jobs 2]
-[--reuse JSON ...] [--tag _b50]``. Runs go to ``runs/retrain_spread/``; a retraining finished there earlier is read
+[--reuse JSON ...] [--rank-only] [--tag _b50]``. Runs go to ``runs/retrain_spread/``; a retraining finished there earlier is read
 back, not run again, and ``--reuse`` takes the (gene, seed) results of earlier runs' JSONs, retrained with the same
 recipe (a run folder that is gone, or another machine's); the scores their PruningNets gave the same within-budget
 genes give those PruningNets' tau against this run's top-1 of them (``earlier_pruningnets_tau``). The result:
@@ -122,6 +124,8 @@ def run_suffix(label: str, pct: int) -> str:
 
 
 def summarize(gene: list[int], mmac: float, runs: list[dict]) -> dict:
+    if not runs:  # --rank-only
+        return {"gene": gene, "mmac": mmac, "runs": []}
     top1s = [r["top1"] for r in runs]
     return {"gene": gene, "mmac": mmac, "runs": runs, "mean": round(statistics.mean(top1s), 2),
             "std": round(statistics.stdev(top1s), 2) if len(top1s) > 1 else 0.0,
@@ -149,6 +153,9 @@ def main() -> None:
     ap.add_argument("--reuse", type=Path, nargs="+", default=[],
                     help="earlier retrain_spread JSONs of this retraining recipe: their results by (seed, gene) "
                          "instead of retraining them")
+    ap.add_argument("--rank-only", action="store_true",
+                    help="search and measure the within-budget tau only; the within-budget genes' top-1 (first seed) "
+                         "from --reuse or --budget-tau-from, nothing retrained")
     ap.add_argument("--tag", default="", help="appended to the result's file name (a run of other budgets or seeds)")
     args = ap.parse_args()
     check_tag(ap, args.tag)
@@ -174,27 +181,33 @@ def main() -> None:
     budgets = []
     for fraction in args.budgets:
         pct = round(fraction * 100)
-        genes = {"uniform": uniform_gene(p0.layout, p0.costs, int(p0.budget_mmac(fraction) * 1e6)),
-                 **{label: searched_gene(p, fraction) for label, p in searchers.items()}}
         near, scratch = bands.get(fraction, ([], []))
         if args.budget_tau_from and not near:
             print(f"budget {fraction:.0%}: {args.budget_tau_from} has no within-budget genes of it; no tau there")
         if args.budget_tau_genes and not args.budget_tau_from:
             near = budget_genes(p0, fraction, args.budget_tau_genes, args.within, round(fraction * 1000))
-        jobs = [(pipes[seed], g, run_suffix(label, pct)) for label, g in genes.items() for seed in args.seeds]
+        if args.rank_only and not args.budget_tau_from and (
+                missing := [g for g in near if (p0.seed, tuple(p0.layout.format(g))) not in done]):
+            ap.error(f"--rank-only: {len(missing)} of the {len(near)} within-budget genes of {fraction:g} have no "
+                     f"top-1 (seed {p0.seed}) in the --reuse JSONs; give the JSON that retrained them, or leave out "
+                     "--rank-only to retrain them")
+        genes = {"uniform": uniform_gene(p0.layout, p0.costs, int(p0.budget_mmac(fraction) * 1e6)),
+                 **{label: searched_gene(p, fraction) for label, p in searchers.items()}}
+        n = 0 if args.rank_only else len(args.seeds)
+        jobs = [(pipes[seed], g, run_suffix(label, pct)) for label, g in genes.items() for seed in args.seeds[:n]]
         jobs += [(p0, g, f"_budget{pct}_{k:02d}") for k, g in enumerate(near) if not args.budget_tau_from]
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = list(pool.map(lambda job: retrained(*job, done), jobs))
-        n = len(args.seeds)
         rows = {label: summarize(p0.layout.format(g), round(p0.costs(g).macs / 1e6, 3), runs[i * n:(i + 1) * n])
                 for i, (label, g) in enumerate(genes.items())}
         if not args.budget_tau_from:
             scratch = [r["top1"] for r in runs[len(genes) * n:]]
         uniform = rows.pop("uniform")
         for label, row in rows.items():
-            d = [round(s["top1"] - u["top1"], 2) for s, u in zip(row["runs"], uniform["runs"])]
-            row.update(difference=d, mean_difference=round(statistics.mean(d), 2),
-                       paired_t_p=paired_t_p(d) if len(d) > 1 else None, wilcoxon_p=wilcoxon_p(d) if len(d) > 1 else None)
+            if row["runs"]:
+                d = [round(s["top1"] - u["top1"], 2) for s, u in zip(row["runs"], uniform["runs"])]
+                row.update(difference=d, mean_difference=round(statistics.mean(d), 2), paired_t_p=paired_t_p(d)
+                           if len(d) > 1 else None, wilcoxon_p=wilcoxon_p(d) if len(d) > 1 else None)
             if near:
                 proxy = proxy_scores(searchers[label], near, recipe.recal_batches)
                 row["within_budget_tau"] = {
@@ -202,8 +215,9 @@ def main() -> None:
                     "scratch": str(args.budget_tau_from) if args.budget_tau_from else f"seed {args.seeds[0]}",
                     "genes": [{"gene": p0.layout.format(g), "mmac": round(p0.costs(g).macs / 1e6, 3),
                                "proxy_top1": round(a, 2), "scratch_top1": b} for g, a, b in zip(near, proxy, scratch)]}
-            print(f"budget {fraction:.0%} {label}: searched {row['mean']} ± {row['std']}, searched - uniform "
-                  f"{row['mean_difference']} (paired t p {row['paired_t_p']}, Wilcoxon p {row['wilcoxon_p']})"
+            print(f"budget {fraction:.0%} {label}: searched gene {row['mmac']} MMac"
+                  + (f", top-1 {row['mean']} ± {row['std']}, searched - uniform {row['mean_difference']} (paired t p "
+                     f"{row['paired_t_p']}, Wilcoxon p {row['wilcoxon_p']})" if row["runs"] else "")
                   + (f", tau within ±{args.within:.0%}: {row['within_budget_tau']['tau']:.3f}" if near else ""))
         earlier, keys = {}, [tuple(p0.layout.format(g)) for g in near]
         for label, scores in earlier_scores(args.reuse, fraction).items() if near else ():
@@ -212,8 +226,9 @@ def main() -> None:
                 print(f"budget {fraction:.0%} {label} (scores from --reuse): tau within ±{args.within:.0%}: "
                       f"{earlier[label]:.3f}")
         budgets.append({"budget": fraction, **uniform, "searched": rows, "earlier_pruningnets_tau": earlier})
-        print(f"budget {fraction:.0%} uniform: mean {uniform['mean']}, std {uniform['std']}, "
-              f"max - min {uniform['spread']}")
+        if uniform["runs"]:
+            print(f"budget {fraction:.0%} uniform: mean {uniform['mean']}, std {uniform['std']}, "
+                  f"max - min {uniform['spread']}")
         # after every budget: a run stopped later keeps the budgets it finished
         save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{name}{args.tag}.json",
                     {"arch": args.arch, "recipe": asdict(recipe), "seeds": args.seeds,

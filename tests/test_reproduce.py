@@ -11,7 +11,7 @@ import pytest
 
 from app import checkpoint
 from app.config import CHECKPOINT_SUBDIR
-from benchmarks.reproduce import ReusingPipeline, budget_genes, earlier_results, spread_genes
+from benchmarks.reproduce import REPRO, ReusingPipeline, budget_genes, earlier_results, spread_genes
 from benchmarks.retrain_spread import earlier_band, earlier_scores, earlier_spread, retrained
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from data.synthetic import make_fashion_mnist
@@ -201,6 +201,55 @@ def test_an_earlier_spread_run_gives_its_results_by_seed_and_gene_and_they_are_n
     (tmp_path / "bad.json").write_text('{"recipe": {}}')
     with pytest.raises(ValueError, match="not a readable retrain_spread JSON"):
         earlier_spread(tmp_path / "bad.json", QUICK)
+
+
+def _rank_only(tmp_path, monkeypatch, reuse):
+    """retrain_spread.py --rank-only over one PruningNet folder, its search and scoring stubbed: (exit status or
+    None, the JSON it saved)."""
+    import benchmarks.retrain_spread as spread
+
+    (tmp_path / "v" / "seed0" / "checkpoints").mkdir(parents=True)
+    saved = {}
+    monkeypatch.setattr(spread, "searched_gene", lambda p, fraction: p.layout.narrowest())
+    monkeypatch.setattr(spread, "proxy_scores", lambda p, genes, recal: [float(sum(p.layout.format(g))) for g in genes])
+    monkeypatch.setattr(spread, "save_result", lambda folder, name, data: saved.update(name=name, data=data))
+    monkeypatch.setattr(Pipeline, "retrain", lambda *a, **k: pytest.fail("--rank-only retrained a gene"))
+    monkeypatch.setattr(sys, "argv", ["retrain_spread.py", "--rank-only", "--seeds", "0", "--retrain-epochs", "12",
+                                      "--pruningnets", str(tmp_path / "v" / "seed0"), "--budget-tau-genes", "3",
+                                      "--reuse", str(reuse), "--tag", "_rank"])
+    try:
+        spread.main()
+    except SystemExit as e:
+        return e.code, saved
+    return None, saved
+
+
+def test_rank_only_scores_a_pruningnet_against_reused_top1_and_retrains_nothing(tmp_path, monkeypatch, capsys):
+    recipe = replace(REPRO, retrain_epochs=12)
+    p0 = Pipeline("resnet50", 0, recipe, tmp_path / "any")
+    near = [p0.layout.format(g) for g in budget_genes(p0, 0.25, 3, 0.1, 250)]
+    reuse = tmp_path / "old.json"
+    reuse.write_text(json.dumps({"recipe": asdict(recipe), "budgets": [{
+        "budget": 0.25, "gene": near[0], "runs": [], "searched": {"old": {"gene": near[0], "runs": [],
+            "within_budget_tau": {"scratch": "seed 0", "genes": [{"gene": g, "proxy_top1": 1.0, "scratch_top1": t}
+                                                                 for g, t in zip(near[:2], (80.0, 81.0))]}}}}]}))
+    # a within-budget gene with no reused top-1: refused before any search
+    status, saved = _rank_only(tmp_path, monkeypatch, reuse)
+    assert status == 2 and not saved
+    assert "--rank-only: 1 of the 3 within-budget genes of 0.25 have no top-1 (seed 0)" in capsys.readouterr().err
+
+    data = json.loads(reuse.read_text())
+    data["budgets"][0]["searched"]["old"]["within_budget_tau"]["genes"].append(
+        {"gene": near[2], "proxy_top1": 1.0, "scratch_top1": 82.0})
+    reuse.write_text(json.dumps(data))
+    status, saved = _rank_only(tmp_path / "again", monkeypatch, reuse)
+    assert status is None and saved["name"] == "retrain_spread_resnet50_e12_rank.json"
+    row = saved["data"]["budgets"][0]["searched"]["v"]
+    assert row["runs"] == [] and row["gene"] == p0.layout.format(p0.layout.narrowest())
+    tau = row["within_budget_tau"]
+    assert [g["scratch_top1"] for g in tau["genes"]] == [80.0, 81.0, 82.0]
+    proxy = [float(sum(g)) for g in near]
+    assert tau["tau"] == kendall_tau(proxy, [80.0, 81.0, 82.0])
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
