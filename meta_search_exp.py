@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> list:
     if cfg.search_resume:
         resumed = checkpoint.load(cfg.search_resume, checkpoint.SEARCH, "--search-resume")
         record.check_resumed(cfg, resumed)
-    resume = cfg.resume or resumed["pruningnet"]
+    resume = cfg.resume or record.scored_with(resumed)["path"]
     state, fixed = load_pruningnet(cfg, resume)
     cfg = cfg.replace(resume=resume, **fixed)  # resolved: the PruningNet that scores fixes width and stem
     files = record.search_files(cfg)

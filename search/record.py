@@ -73,7 +73,7 @@ def settings(cfg: argparse.Namespace, pruningnet: dict) -> dict:
 def scored_with(state: dict) -> dict:
     """The PruningNet a search checkpoint's candidates were scored with: ``{"path": absolute path,
     "run": ..., "trained": [epoch, step]}`` (``checkpoint.identity``; None where an older search did
-    not record them)."""
+    not record them; a search checkpoint from before the settings held the path names it at its top level)."""
     saved = state["settings"]
     return {"path": saved.get("resume", state.get("pruningnet")), "run": saved.get("pruningnet_run"),
             "trained": saved.get("pruningnet_trained")}
@@ -122,7 +122,7 @@ def search_state(cfg: argparse.Namespace, s: evolution.SearchState, now: dict, c
             "settings": now, "iter": s.iteration, "epochs": cfg.epochs,
             "candidates": [layout.format(g, e) for g, e in best],
             "macs": [costs(g).macs for g, _ in best], "params": [costs(g).params for g, _ in best],
-            "state": s.to_dict(), "pruningnet": str(Path(cfg.resume).resolve()), "input_size": cfg.input_size,
+            "state": s.to_dict(), "input_size": cfg.input_size,
             "model_args": {"num_classes": num_classes, "width_mult": cfg.width_mult, "small_input": cfg.small_input},
             "config": vars(cfg)}
 

@@ -324,6 +324,11 @@ def test_resume_checks_the_pruningnet_and_the_iterations_done(work):
     r = search(work, "--epochs", "2", "--search-resume", FLOPS0)  # as many as done: report the result
     assert "best PrunedNet exported" in r.stdout
     assert torch.load(work / FLOPS0, weights_only=True)["candidates"] == done["candidates"]
+    # the checkpoint names its PruningNet once (absolute), and that is the one a resume without --resume takes
+    assert "pruningnet" not in done and done["settings"]["resume"] == str((work / PRUNINGNET).resolve())
+    r = invoke("meta_search_exp.py", *[a for a in BASE if a not in ("--resume", PRUNINGNET)], "--epochs", "2",
+               "--search-resume", FLOPS0, cwd=work)
+    assert r.returncode == 0 and "best PrunedNet exported" in r.stdout, r.stderr
     other = work / CKPT / "other_pruningnet.pth.tar"
     shutil.copy(work / PRUNINGNET, other)
     r = invoke("meta_search_exp.py", *BASE, "--epochs", "3", "--search-resume", FLOPS0, "--resume", str(other),
