@@ -124,7 +124,7 @@ class Pipeline:
     def search(self, budget_mmac: float) -> list:
         """Candidates (README form, best first) of a search under ``budget_mmac``."""
         r, min_flops = self.r, self._min_flops(budget_mmac)
-        bounds = ["--flops", str(budget_mmac), *(["--min-flops", min_flops] if min_flops else [])]
+        bounds = ["--flops", str(budget_mmac), *(["--min-flops", f"{min_flops:g}"] if min_flops else [])]
         self._stage(f"search {budget_mmac}", "meta_search_exp.py", [
             "--arch", f"{self.arch}_pruningnet", "--resume", str(self.pruningnet), *self.data, *bounds,
             "--population", str(r.population), "--select-num", str(r.select), "--mutation-num", str(r.mutation),
@@ -132,16 +132,15 @@ class Pipeline:
             str(r.recal_batches)])
         return checkpoint.load(self.search_output(budget_mmac), checkpoint.SEARCH)["candidates"]
 
-    def _min_flops(self, budget_mmac: float) -> str:
-        """``--min-flops`` of a search under ``budget_mmac`` ("": none), spelled as the search names its
-        files: the parsed bound written with :g."""
-        return f"{float(f'{budget_mmac * self.r.min_fraction:.4g}'):g}" if self.r.min_fraction else ""
+    def _min_flops(self, budget_mmac: float) -> float | None:
+        """``--min-flops`` of a search under ``budget_mmac`` (None: no lower bound), rounded to 4 digits so
+        that the value passed and the value the search names its files with are the same."""
+        return float(f"{budget_mmac * self.r.min_fraction:.4g}") if self.r.min_fraction else None
 
     def search_output(self, budget_mmac: float) -> Path:
         """The checkpoint a search under ``budget_mmac`` writes, named as ``meta_search_exp.py`` names it."""
-        min_flops = self._min_flops(budget_mmac)
         cfg = argparse.Namespace(arch=f"{self.arch}_pruningnet", flops_name=str(budget_mmac),
-                                 min_flops=float(min_flops) if min_flops else None, params=None, latency=None,
+                                 min_flops=self._min_flops(budget_mmac), params=None, latency=None,
                                  suffix="", log=None, output_dir=self.run_dir)
         return search_files(cfg).checkpoint
 
