@@ -22,7 +22,8 @@ Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0
 back, not run again, and ``--reuse`` takes the (gene, seed) results of earlier runs' JSONs, retrained with the same
 recipe (a run folder that is gone, or another machine's); the scores their PruningNets gave the same within-budget
 genes give those PruningNets' tau against this run's top-1 of them (``earlier_pruningnets_tau``). The result:
-``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi]{tag}.json``.
+``benchmarks/results/retrain_spread_{arch}_e{epochs}[_zi]{tag}.json``; each searched gene's row says how its
+PruningNet was trained (``pruningnet``: epochs, sandwich, distill, ...), read from that PruningNet's checkpoint.
 """
 from __future__ import annotations
 
@@ -41,8 +42,12 @@ from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from benchmarks.throughput import save_result
 from models import Gene, list_families
 from pipeline import Pipeline, Recipe, uniform_gene
+from utils.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
+# The flags that make one PruningNet another: a result names how its PruningNets were trained, not only their
+# folders (the retraining recipe it also records says nothing of them).
+PRUNINGNET_FIELDS = ("epochs", "lr", "sandwich", "distill", "seed", "width_mult", "batch_size")
 
 
 def retrained(p: Pipeline, gene: Gene, suffix: str, done: dict[tuple, dict] | None = None) -> dict:
@@ -69,6 +74,13 @@ def searched_gene(p: Pipeline, fraction: float) -> Gene:
     found = p.search_output(budget)
     candidates = checkpoint.load(found, checkpoint.SEARCH)["candidates"] if found.is_file() else p.search(budget)
     return p.layout.parse(candidates[0])
+
+
+def pruningnet_recipe(p: Pipeline) -> dict:
+    """How the PruningNet of ``p``'s run folder was trained (``PRUNINGNET_FIELDS`` of its checkpoint's config).
+    ``UserError`` when the folder holds no readable PruningNet."""
+    config = checkpoint.load(p.pruningnet, "model", "--pruningnets", mmap=True).get("config", {})
+    return {"sandwich": None, "distill": False, **{k: config[k] for k in PRUNINGNET_FIELDS if k in config}}
 
 
 def earlier_spread(path: Path, recipe: Recipe) -> dict[tuple, dict]:
@@ -166,6 +178,10 @@ def main() -> None:
     searchers = {d.parent.name: Pipeline(args.arch, args.pruningnet_seed, REPRO, d, cpu=True) for d in args.pruningnets}
     if len(searchers) < len(args.pruningnets):
         ap.error("--pruningnets: two folders of one variant name; give each variant its own folder")
+    try:
+        trained_as = {label: pruningnet_recipe(p) for label, p in searchers.items()}
+    except UserError as e:
+        ap.error(str(e))
     if args.jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     recipe = replace(REPRO, retrain_epochs=args.retrain_epochs, zero_init_residual=args.zero_init_residual)
@@ -204,6 +220,7 @@ def main() -> None:
             scratch = [r["top1"] for r in runs[len(genes) * n:]]
         uniform = rows.pop("uniform")
         for label, row in rows.items():
+            row["pruningnet"] = trained_as[label]
             if row["runs"]:
                 d = [round(s["top1"] - u["top1"], 2) for s, u in zip(row["runs"], uniform["runs"])]
                 row.update(difference=d, mean_difference=round(statistics.mean(d), 2), paired_t_p=paired_t_p(d)

@@ -203,19 +203,27 @@ def test_an_earlier_spread_run_gives_its_results_by_seed_and_gene_and_they_are_n
         earlier_spread(tmp_path / "bad.json", QUICK)
 
 
-def _rank_only(tmp_path, monkeypatch, reuse):
+def _rank_only(tmp_path, monkeypatch, reuse, trained=True):
     """retrain_spread.py --rank-only over one PruningNet folder, its search and scoring stubbed: (exit status or
-    None, the JSON it saved)."""
+    None, the JSON it saved). ``trained``: the folder holds a PruningNet checkpoint (weights left out) whose
+    config says it was trained 15 epochs with --sandwich 2 --distill."""
     import benchmarks.retrain_spread as spread
 
-    (tmp_path / "v" / "seed0" / "checkpoints").mkdir(parents=True)
+    folder = tmp_path / "v" / "seed0"
+    (folder / "checkpoints").mkdir(parents=True)
+    if trained:
+        config = {"epochs": 15, "lr": 0.05, "sandwich": 2, "distill": True, "seed": 0, "width_mult": 0.25,
+                  "batch_size": 256, "workers": 0}
+        checkpoint.save({"format": checkpoint.FORMAT, "kind": checkpoint.MODEL, "arch": "resnet50_pruningnet",
+                         "model_args": {"num_classes": 10, "width_mult": 0.25, "small_input": False}, "model": {},
+                         "config": config}, Pipeline("resnet50", 0, REPRO, folder).pruningnet)
     saved = {}
     monkeypatch.setattr(spread, "searched_gene", lambda p, fraction: p.layout.narrowest())
     monkeypatch.setattr(spread, "proxy_scores", lambda p, genes, recal: [float(sum(p.layout.format(g))) for g in genes])
     monkeypatch.setattr(spread, "save_result", lambda folder, name, data: saved.update(name=name, data=data))
     monkeypatch.setattr(Pipeline, "retrain", lambda *a, **k: pytest.fail("--rank-only retrained a gene"))
     monkeypatch.setattr(sys, "argv", ["retrain_spread.py", "--rank-only", "--seeds", "0", "--retrain-epochs", "12",
-                                      "--pruningnets", str(tmp_path / "v" / "seed0"), "--budget-tau-genes", "3",
+                                      "--pruningnets", str(folder), "--budget-tau-genes", "3",
                                       "--reuse", str(reuse), "--tag", "_rank"])
     try:
         spread.main()
@@ -246,10 +254,19 @@ def test_rank_only_scores_a_pruningnet_against_reused_top1_and_retrains_nothing(
     assert status is None and saved["name"] == "retrain_spread_resnet50_e12_rank.json"
     row = saved["data"]["budgets"][0]["searched"]["v"]
     assert row["runs"] == [] and row["gene"] == p0.layout.format(p0.layout.narrowest())
+    # the result says how its PruningNet was trained, not what the retraining recipe's pruning fields hold
+    assert row["pruningnet"] == {"epochs": 15, "lr": 0.05, "sandwich": 2, "distill": True, "seed": 0,
+                                 "width_mult": 0.25, "batch_size": 256}
     tau = row["within_budget_tau"]
     assert [g["scratch_top1"] for g in tau["genes"]] == [80.0, 81.0, 82.0]
     proxy = [float(sum(g)) for g in near]
     assert tau["tau"] == kendall_tau(proxy, [80.0, 81.0, 82.0])
+
+    # a folder without its PruningNet: refused in one line before any search
+    status, saved = _rank_only(tmp_path / "untrained", monkeypatch, reuse, trained=False)
+    assert status == 2 and not saved
+    err = capsys.readouterr().err
+    assert "--pruningnets " in err and "fashionmnist_resnet50_pruningnet_best.pth.tar: no such file" in err
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
