@@ -15,10 +15,14 @@ PruningNet's score of them (as the search scores) and their top-1; ``--budget-ta
 genes and their top-1 from a ``benchmarks/reproduce.py`` run instead (retrained with its recipe). ``--rank-only``:
 the searches and the within-budget tau only, nothing retrained (the genes' top-1 from ``--reuse``): a new
 PruningNet's choices and ranking against the ground truth of earlier runs, in minutes instead of hours.
+``--searched-from JSON [JSON ...]``: the searched genes an earlier run of this script recorded (e.g. a
+``--rank-only`` one), retrained with the seeds as if searched here, without their PruningNets (whose files are
+not committed, and which another machine type would train into other ones); each row keeps that run's
+``pruningnet`` and ``within_budget_tau`` and names the file (``searched_in``).
 
 Run: ``.venv/bin/python benchmarks/retrain_spread.py [--budgets 0.25] [--seeds 0 1 2 3 4]
 [--retrain-epochs 12] [--zero-init-residual] [--pruningnets DIR ...] [--budget-tau-genes 8] [--jobs 2]
-[--reuse JSON ...] [--rank-only] [--tag _b50]``. Runs go to ``runs/retrain_spread/``; a retraining finished there earlier is read
+[--reuse JSON ...] [--rank-only] [--searched-from JSON ...] [--tag _b50]``. Runs go to ``runs/retrain_spread/``; a retraining finished there earlier is read
 back, not run again, and ``--reuse`` takes the (gene, seed) results of earlier runs' JSONs, retrained with the same
 recipe (a run folder that is gone, or another machine's); the scores their PruningNets gave the same within-budget
 genes give those PruningNets' tau against this run's top-1 of them (``earlier_pruningnets_tau``). The result:
@@ -40,7 +44,7 @@ from app import checkpoint
 from benchmarks.reproduce import REPRO, budget_genes, check_retrain_recipe, check_tag, proxy_scores
 from benchmarks.stats import kendall_tau, paired_t_p, wilcoxon_p
 from benchmarks.throughput import save_result
-from models import Gene, list_families
+from models import Gene, GeneLayout, list_families
 from pipeline import Pipeline, Recipe, uniform_gene
 from utils.cli import UserError
 
@@ -118,6 +122,29 @@ def earlier_scores(paths: list[Path], fraction: float) -> dict[str, dict[tuple, 
     return scores
 
 
+def earlier_searched(paths: list[Path], fraction: float, layout: GeneLayout) -> dict[str, dict]:
+    """The searched genes of ``fraction`` that earlier runs' JSONs recorded, by PruningNet label: each their row
+    (``gene`` parsed with ``layout``, ``pruningnet`` when recorded, ``within_budget_tau`` when measured) and
+    ``searched_in``, its file. ValueError when a file cannot be read, holds another family's gene, or two give
+    one label."""
+    found: dict[str, dict] = {}
+    for path in paths:
+        try:
+            rows = [(label, row) for b in json.loads(path.read_text())["budgets"] if b["budget"] == fraction
+                    for label, row in b["searched"].items()]
+            picked = {label: {"gene": layout.parse(row["gene"]), "searched_in": str(path),
+                              **{k: row[k] for k in ("pruningnet", "within_budget_tau") if k in row}}
+                      for label, row in rows}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"--searched-from {path}: not a readable retrain_spread JSON "
+                             f"({type(e).__name__}: {e})") from None
+        if twice := sorted(found.keys() & picked.keys()):
+            raise ValueError(f"--searched-from {path}: {', '.join(twice)} at {fraction:g} is in an earlier file too; "
+                             "give each searched gene once")
+        found.update(picked)
+    return found
+
+
 def earlier_band(path: Path, fraction: float, p: Pipeline) -> tuple[list[Gene], list[float]]:
     """The within-budget genes of ``fraction`` in a reproduce JSON and their from-scratch top-1 (none when it
     measured no tau at that budget). ValueError when the file cannot be read."""
@@ -168,6 +195,9 @@ def main() -> None:
     ap.add_argument("--rank-only", action="store_true",
                     help="search and measure the within-budget tau only; the within-budget genes' top-1 (first seed) "
                          "from --reuse or --budget-tau-from, nothing retrained")
+    ap.add_argument("--searched-from", type=Path, nargs="+", default=[],
+                    help="earlier retrain_spread JSONs: their searched genes retrained with the seeds, without their "
+                         "PruningNets")
     ap.add_argument("--tag", default="", help="appended to the result's file name (a run of other budgets or seeds)")
     args = ap.parse_args()
     check_tag(ap, args.tag)
@@ -192,8 +222,14 @@ def main() -> None:
     try:
         done = {k: v for path in args.reuse for k, v in earlier_spread(path, recipe).items()}
         bands = {f: earlier_band(args.budget_tau_from, f, p0) for f in args.budgets} if args.budget_tau_from else {}
+        recorded = {f: earlier_searched(args.searched_from, f, p0.layout) for f in args.budgets}
     except ValueError as e:
         ap.error(str(e))
+    if args.searched_from and not any(recorded.values()):
+        ap.error(f"--searched-from: no searched gene of the budgets {' '.join(f'{f:g}' for f in args.budgets)} in "
+                 "those files; give a budget they searched")
+    if clash := sorted({label for rows in recorded.values() for label in rows} & searchers.keys()):
+        ap.error(f"--searched-from and --pruningnets both give {', '.join(clash)}; give each PruningNet once")
     budgets = []
     for fraction in args.budgets:
         pct = round(fraction * 100)
@@ -208,7 +244,8 @@ def main() -> None:
                      f"top-1 (seed {p0.seed}) in the --reuse JSONs; give the JSON that retrained them, or leave out "
                      "--rank-only to retrain them")
         genes = {"uniform": uniform_gene(p0.layout, p0.costs, int(p0.budget_mmac(fraction) * 1e6)),
-                 **{label: searched_gene(p, fraction) for label, p in searchers.items()}}
+                 **{label: searched_gene(p, fraction) for label, p in searchers.items()},
+                 **{label: row["gene"] for label, row in recorded[fraction].items()}}
         n = 0 if args.rank_only else len(args.seeds)
         jobs = [(pipes[seed], g, run_suffix(label, pct)) for label, g in genes.items() for seed in args.seeds[:n]]
         jobs += [(p0, g, f"_budget{pct}_{k:02d}") for k, g in enumerate(near) if not args.budget_tau_from]
@@ -220,12 +257,15 @@ def main() -> None:
             scratch = [r["top1"] for r in runs[len(genes) * n:]]
         uniform = rows.pop("uniform")
         for label, row in rows.items():
-            row["pruningnet"] = trained_as[label]
+            if label in recorded[fraction]:
+                row.update({k: v for k, v in recorded[fraction][label].items() if k != "gene"})
+            else:
+                row["pruningnet"] = trained_as[label]
             if row["runs"]:
                 d = [round(s["top1"] - u["top1"], 2) for s, u in zip(row["runs"], uniform["runs"])]
                 row.update(difference=d, mean_difference=round(statistics.mean(d), 2), paired_t_p=paired_t_p(d)
                            if len(d) > 1 else None, wilcoxon_p=wilcoxon_p(d) if len(d) > 1 else None)
-            if near:
+            if near and label in searchers:
                 proxy = proxy_scores(searchers[label], near, recipe.recal_batches)
                 row["within_budget_tau"] = {
                     "within": args.within, "tau": kendall_tau(proxy, scratch),
@@ -235,7 +275,8 @@ def main() -> None:
             print(f"budget {fraction:.0%} {label}: searched gene {row['mmac']} MMac"
                   + (f", top-1 {row['mean']} ± {row['std']}, searched - uniform {row['mean_difference']} (paired t p "
                      f"{row['paired_t_p']}, Wilcoxon p {row['wilcoxon_p']})" if row["runs"] else "")
-                  + (f", tau within ±{args.within:.0%}: {row['within_budget_tau']['tau']:.3f}" if near else ""))
+                  + (f", tau within ±{args.within:.0%}: {row['within_budget_tau']['tau']:.3f}"
+                     if "within_budget_tau" in row else ""))
         earlier, keys = {}, [tuple(p0.layout.format(g)) for g in near]
         for label, scores in earlier_scores(args.reuse, fraction).items() if near else ():
             if label not in rows and all(k in scores for k in keys):
@@ -249,7 +290,8 @@ def main() -> None:
         # after every budget: a run stopped later keeps the budgets it finished
         save_result(str(ROOT / "benchmarks" / "results"), f"retrain_spread_{name}{args.tag}.json",
                     {"arch": args.arch, "recipe": asdict(recipe), "seeds": args.seeds,
-                     "pruningnets": [str(d) for d in args.pruningnets], "budgets": budgets,
+                     "pruningnets": [str(d) for d in args.pruningnets],
+                     "searched_from": [str(path) for path in args.searched_from], "budgets": budgets,
                      "reused_from": [str(path) for path in args.reuse]})
 
 

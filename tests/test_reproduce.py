@@ -269,6 +269,53 @@ def test_rank_only_scores_a_pruningnet_against_reused_top1_and_retrains_nothing(
     assert "--pruningnets " in err and "fashionmnist_resnet50_pruningnet_best.pth.tar: no such file" in err
 
 
+def test_searched_genes_of_an_earlier_run_are_retrained_with_the_seeds_without_their_pruningnet(
+        tmp_path, monkeypatch, capsys):
+    import benchmarks.retrain_spread as spread
+
+    searched = [5] * 4 + [-1] + [6] * 16
+    tau = {"within": 0.1, "tau": 0.4, "scratch": "seed 0", "genes": []}
+    trained_as = {"epochs": 15, "sandwich": 2, "distill": False}
+    old = tmp_path / "rank.json"
+    old.write_text(json.dumps({"budgets": [{"budget": 0.25, "gene": searched, "runs": [], "searched": {
+        "v_pn15": {"gene": searched, "runs": [], "pruningnet": trained_as, "within_budget_tau": tau}}}]}))
+    saved, trained = {}, []
+
+    def retrain(p, gene, suffix, resume=None):  # top-1 by gene and seed: searched beats uniform by 0.5 + seed/10
+        trained.append((p.seed, p.layout.format(gene), suffix))
+        return {"top1": 80.0 + p.seed + (0.5 + p.seed / 10 if p.layout.format(gene) == searched else 0.0)}
+
+    monkeypatch.setattr(Pipeline, "retrain", retrain)
+    monkeypatch.setattr(spread, "searched_gene", lambda p, fraction: pytest.fail("searched without a PruningNet"))
+    monkeypatch.setattr(spread, "save_result", lambda folder, name, data: saved.update(name=name, data=data))
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["retrain_spread.py", "--seeds", "0", "1", "--retrain-epochs", "3", *argv])
+        try:
+            spread.main()
+        except SystemExit as e:
+            return e.code
+        return None
+
+    assert run("--budgets", "0.25", "--searched-from", str(old), "--tag", "_again") is None
+    assert sorted((seed, suffix) for seed, gene, suffix in trained if gene == searched) == [
+        (0, "_v_pn15_25"), (1, "_v_pn15_25")]
+    assert len(trained) == 4  # the uniform gene too, with the same seeds
+    row = saved["data"]["budgets"][0]["searched"]["v_pn15"]
+    assert row["gene"] == searched and [r["top1"] for r in row["runs"]] == [80.5, 81.6]
+    assert row["difference"] == [0.5, 0.6] and row["mean_difference"] == 0.55
+    # the earlier run's record of how its PruningNet was trained and ranked comes along, with its file
+    assert row["pruningnet"] == trained_as and row["within_budget_tau"] == tau and row["searched_in"] == str(old)
+    assert saved["data"]["searched_from"] == [str(old)]
+
+    saved.clear()
+    for argv, message in [(["--budgets", "0.5", "--searched-from", str(old)],
+                           "--searched-from: no searched gene of the budgets 0.5"),
+                          (["--searched-from", str(old), str(old)], "v_pn15 at 0.25 is in an earlier file too")]:
+        assert run(*argv) == 2 and not saved
+        assert message in capsys.readouterr().err
+
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
